@@ -1,0 +1,167 @@
+"""Config helpers shared by the configs/ files and the command-line entry points.
+
+Config files in configs/ each define `get_config()`; they start from `base_config()` here so every config has
+the same fields (an override of a field that does not exist is an error, not a silent no-op).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import ml_collections
+
+from imgclf_jax import image_io
+from imgclf_jax.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = REPO_ROOT / "configs"
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a config may set, with neutral defaults."""
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+
+    # Data: `dataset` is 'demo' or 'tfds:NAME'; otherwise `data_dir` is an image folder.
+    c.dataset = ""
+    c.data_dir = ""
+    c.tfds_data_dir = ""  # Where TFDS keeps prepared data ('' = TFDS's default, ~/tensorflow_datasets).
+    c.validation_split = 0.2  # Held out (stratified, seeded) when there is no validation folder/split.
+    c.image_size = 128
+    c.resize = "squash"  # 'squash' | 'crop' (centre square) | 'pad' (keep aspect, black borders).
+    c.cache = True  # Keep decoded, resized images in memory after the first epoch.
+    c.max_image_pixels = image_io.DEFAULT_MAX_IMAGE_PIXELS  # Larger images are skipped (bombs).
+    c.augment = ml_collections.ConfigDict(dict(
+        enabled=False,
+        flip=False,  # Random horizontal flip.
+        rotation=0.0,  # Max rotation as a fraction of a full turn (Keras RandomRotation factor).
+        zoom=0.0,  # Zoom factor range 1 +- zoom (Keras RandomZoom factor).
+        crop_area_min=1.0,  # < 1: random-resized crop keeping this much of the area at least.
+        brightness=0.0,  # Max brightness shift, in [0, 1] units.
+        contrast=0.0,  # Contrast factor range 1 +- contrast.
+    ))
+
+    # Model: `model` picks the network; its settings live in the sub-config of the same name.
+    c.model = "cnn"
+    c.cnn = ml_collections.ConfigDict(dict(
+        filters=(32, 64, 128), convs_per_block=1, batch_norm=False, dense_units=128, dropout=0.0,
+        global_pool=False,
+    ))
+    c.resnet = ml_collections.ConfigDict(dict(
+        stage_sizes=(1, 1, 1, 1), widths=(32, 64, 128, 256), stem_strides=2, dropout=0.0,
+    ))
+
+    # Loss: 'auto' = sigmoid (one logit) for two classes, softmax for more.
+    c.loss = "auto"
+    c.label_smoothing = 0.0
+
+    # Optimisation: Adam, or AdamW when weight_decay > 0; optional warmup + cosine decay.
+    c.epochs = 10
+    c.batch_size = 32
+    c.learning_rate = 1e-3
+    c.weight_decay = 0.0
+    c.lr_schedule = "constant"  # 'constant' | 'cosine'
+    c.warmup_epochs = 0.0
+    c.seed = 0
+
+    c.checkpoints_to_keep = 2  # Latest checkpoints kept, besides the best by validation accuracy.
+    return c
+
+
+def find_config_file(path: str) -> str:
+    """`path` as given, or else the file of that name in the repository's configs/ folder."""
+    candidates = [Path(path), CONFIGS_DIR / path, CONFIGS_DIR / f"{path}.py"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    raise UserError(f"config file {path} does not exist")
+
+
+def default_config_argv(argv: Sequence[str]) -> list[str]:
+    """Adds `--config` when none is given: the demo config with no data flags, else configs/default.py."""
+    argv = list(argv)
+    names = [a.split("=", 1)[0] for a in argv[1:]]
+    if "--config" in names:
+        i = names.index("--config") + 1
+        if "=" in argv[i]:
+            flag, value = argv[i].split("=", 1)
+            argv[i] = f"{flag}={find_config_file(value)}"
+        elif i + 1 < len(argv):
+            argv[i + 1] = find_config_file(argv[i + 1])
+        return argv
+    has_data = any(n in ("--data_dir", "--dataset") for n in names)
+    default = CONFIGS_DIR / ("default.py" if has_data else "demo.py")
+    return argv[:1] + [f"--config={default}"] + argv[1:]
+
+
+def apply_overrides(config: ml_collections.ConfigDict, **overrides: Any) -> None:
+    """Applies plain-flag overrides (None = not given). A data flag replaces the config's data source."""
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "data_dir":
+            config.dataset = ""
+        elif key == "dataset":
+            config.data_dir = ""
+        setattr(config, key, value)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Rejects values that cannot work, with the field named, before any data is read."""
+    positive_ints = ("epochs", "batch_size", "image_size", "checkpoints_to_keep", "max_image_pixels")
+    for field in positive_ints:
+        value = config[field]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{field} must be a positive whole number (got {value!r})")
+    if not math.isfinite(config.learning_rate) or config.learning_rate < 0:
+        raise UserError(f"learning_rate must be a non-negative number (got {config.learning_rate!r})")
+    if config.weight_decay < 0:
+        raise UserError(f"weight_decay must be >= 0 (got {config.weight_decay!r})")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise UserError(f"label_smoothing must be in [0, 1) (got {config.label_smoothing!r})")
+    if config.warmup_epochs < 0:
+        raise UserError(f"warmup_epochs must be >= 0 (got {config.warmup_epochs!r})")
+    if config.lr_schedule not in ("constant", "cosine"):
+        raise UserError(f"lr_schedule must be 'constant' or 'cosine' (got {config.lr_schedule!r})")
+    if config.resize not in ("squash", "crop", "pad"):
+        raise UserError(f"resize must be 'squash', 'crop' or 'pad' (got {config.resize!r})")
+    if not 0.0 <= config.augment.crop_area_min <= 1.0 or config.augment.crop_area_min == 0.0:
+        raise UserError(f"augment.crop_area_min must be in (0, 1] (got {config.augment.crop_area_min!r})")
+
+
+def to_json_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def save_config(config: ml_collections.ConfigDict, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(to_json_dict(config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_saved_config(path: str) -> ml_collections.ConfigDict:
+    """The resolved config a run saved as JSON (no code is executed to read it)."""
+    with open(path) as f:
+        data = json.load(f)
+    config = base_config()
+    config.unlock()
+    config.update(_tuples(data))
+    return config
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def default_workdir(config: ml_collections.ConfigDict, workdir: Optional[str]) -> str:
+    return workdir or os.path.join("checkpoints", config.name)

@@ -1,0 +1,294 @@
+"""Finding a dataset in a folder of images: layout, classes, usable files and the train/validation split.
+
+Two layouts are accepted:
+  DIR/train/<class>/... with DIR/validation/ (or val/) and an optional DIR/test/, or
+  DIR/<class>/... directly.
+Class names are the sorted sub-folder names of the training folder. Files are found recursively under
+each class folder and recognised by content. Every candidate image is decode-checked once (in parallel);
+the verdicts are cached per file size and modification time, so a second run does not decode again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import tqdm
+
+from imgclf_jax import image_io
+from imgclf_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLIT_FOLDER_NAMES = {
+    "train": ("train", "training"),
+    "validation": ("validation", "val", "valid"),
+    "test": ("test", "testing"),
+}
+_SCAN_CACHE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    path: str
+    label: int
+
+
+@dataclasses.dataclass
+class FolderDataset:
+    """Usable examples per split, the class names in label order, and what was skipped and why."""
+
+    root: str
+    class_names: list[str]
+    splits: dict[str, list[Example]]
+    skipped: list[tuple[str, str]]
+    validation_note: str
+
+
+def find_split_folders(root: Path) -> dict[str, Path]:
+    """Maps split names to their folders when `root` uses the train/validation/test layout, else {}."""
+    children = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    found = {}
+    for split, names in SPLIT_FOLDER_NAMES.items():
+        for name in names:
+            if name in children:
+                found[split] = children[name]
+                break
+    return found if "train" in found else {}
+
+
+def list_class_folders(root: Path) -> list[Path]:
+    return sorted(
+        (p for p in root.iterdir() if p.is_dir() and not image_io.is_junk_name(p.name)),
+        key=lambda p: p.name,
+    )
+
+
+def list_candidate_files(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files under `folder` (recursively) that are images by content or by name.
+
+    Returns the candidates and the files that carry an image extension but are not images (skipped, with
+    the reason). Everything else (junk, notes, other files) is ignored silently.
+    """
+    candidates, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not image_io.is_junk_name(d))
+        for name in sorted(filenames):
+            if image_io.is_junk_name(name):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                header = image_io.read_header(path)
+            except OSError as e:
+                skipped.append((path, f"cannot read file ({e.strerror or e})"))
+                continue
+            if image_io.sniff_format(header) is not None:
+                candidates.append(path)
+            elif image_io.has_image_extension(name):
+                skipped.append((path, image_io.describe_non_image(header)))
+    return candidates, skipped
+
+
+def _cache_path(root: Path) -> Optional[Path]:
+    base = os.environ.get("IMGCLF_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "imgclf_jax"
+    )
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return Path(base) / f"scan-{digest}.json"
+
+
+def _load_scan_cache(path: Optional[Path]) -> dict:
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return data["entries"] if data.get("version") == _SCAN_CACHE_VERSION else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _save_scan_cache(path: Optional[Path], entries: dict) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"version": _SCAN_CACHE_VERSION, "entries": entries}))
+        os.replace(tmp, path)
+    except OSError as e:  # A read-only home must not stop training; the scan just is not cached.
+        log.debug("Could not write the scan cache %s: %s", path, e)
+
+
+def _check_file(path: str, max_pixels: int) -> str:
+    """Returns '' if the file decodes, else the reason it cannot be used."""
+    try:
+        # The smallest DCT scale still reads the whole JPEG stream, so truncation is caught cheaply.
+        image_io.load_image(path, min_size=1, max_pixels=max_pixels)
+        return ""
+    except image_io.UnusableImageError as e:
+        return str(e)
+
+
+def check_files(
+    paths: Sequence[str], root: Path, max_pixels: int, show_progress: bool = True
+) -> dict[str, str]:
+    """Decode-checks files in parallel; returns {path: reason} ('' = usable), cached per size and mtime."""
+    cache_file = _cache_path(root)
+    cache = _load_scan_cache(cache_file)
+    verdicts, todo, keys = {}, [], {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            verdicts[path] = f"cannot read file ({e.strerror or e})"
+            continue
+        key = [st.st_size, st.st_mtime_ns, max_pixels]
+        keys[path] = key
+        entry = cache.get(path)
+        if entry is not None and entry[:3] == key:
+            verdicts[path] = entry[3]
+        else:
+            todo.append(path)
+    if todo:
+        workers = min(32, (os.cpu_count() or 1) * 2)
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            results = pool.map(lambda p: _check_file(p, max_pixels), todo)
+            for path, reason in tqdm.tqdm(
+                zip(todo, results),
+                total=len(todo),
+                desc="Checking images",
+                unit="img",
+                disable=None if show_progress else True,
+                leave=False,
+            ):
+                verdicts[path] = reason
+                cache[path] = keys[path] + [reason]
+        _save_scan_cache(cache_file, cache)
+    return verdicts
+
+
+def stratified_holdout(
+    examples: Sequence[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Splits off `fraction` of every class (at least one image of any class with two or more)."""
+    train, held_out = [], []
+    labels = sorted({e.label for e in examples})
+    for label in labels:
+        members = sorted((e for e in examples if e.label == label), key=lambda e: e.path)
+        rng = np.random.default_rng([seed, label])
+        order = rng.permutation(len(members))
+        n_held = int(round(len(members) * fraction))
+        if len(members) >= 2:
+            n_held = min(max(n_held, 1), len(members) - 1)
+        else:
+            n_held = 0
+        held_out.extend(members[i] for i in sorted(order[:n_held]))
+        train.extend(members[i] for i in sorted(order[n_held:]))
+    return train, held_out
+
+
+def _examples_for(
+    class_root: Path,
+    class_names: Sequence[str],
+    split_name: str,
+    max_pixels: int,
+    skipped: list[tuple[str, str]],
+    require_every_class: bool,
+) -> list[Example]:
+    present = {p.name: p for p in list_class_folders(class_root)}
+    unknown = sorted(set(present) - set(class_names))
+    if unknown:
+        raise UserError(
+            f"{class_root} has class folder(s) {unknown} that the training folder does not have "
+            f"(training classes: {list(class_names)})"
+        )
+    per_class: dict[int, list[str]] = {}
+    for label, name in enumerate(class_names):
+        if name not in present:
+            if require_every_class:
+                raise UserError(f"class folder '{name}' is missing from {class_root}")
+            continue
+        candidates, bad = list_candidate_files(present[name])
+        skipped.extend(bad)
+        per_class[label] = candidates
+    verdicts = check_files([p for c in per_class.values() for p in c], class_root, max_pixels)
+    examples = []
+    for label, candidates in per_class.items():
+        usable = [p for p in candidates if not verdicts[p]]
+        skipped.extend((p, verdicts[p]) for p in candidates if verdicts[p])
+        if not usable and split_name == "train":
+            raise UserError(
+                f"class folder {present[class_names[label]]} has no usable images"
+                + (f" ({len(candidates)} image file(s) could not be decoded)" if candidates else "")
+            )
+        examples.extend(Example(p, label) for p in usable)
+    return examples
+
+
+def load_folder_dataset(
+    data_dir: str,
+    validation_split: float = 0.2,
+    seed: int = 0,
+    max_pixels: int = image_io.DEFAULT_MAX_IMAGE_PIXELS,
+    splits: Sequence[str] = ("train", "validation"),
+) -> FolderDataset:
+    """Finds classes and usable images of `data_dir`; holds out validation when there is no such folder."""
+    root = Path(data_dir).expanduser()
+    if not root.exists():
+        raise UserError(f"data folder {data_dir} does not exist")
+    if not root.is_dir():
+        raise UserError(f"data folder {data_dir} is not a folder")
+    split_folders = find_split_folders(root)
+    train_root = split_folders.get("train", root)
+    class_folders = list_class_folders(train_root)
+    if not class_folders:
+        raise UserError(
+            f"no class folders in {train_root}: expected {root}/<class>/<images> "
+            f"or {root}/train/<class>/<images>"
+        )
+    class_names = [p.name for p in class_folders]
+    if len(class_names) < 2:
+        raise UserError(
+            f"{train_root} has only one class folder ('{class_names[0]}'); a classifier needs at least two"
+        )
+
+    skipped: list[tuple[str, str]] = []
+    result: dict[str, list[Example]] = {}
+    train = _examples_for(train_root, class_names, "train", max_pixels, skipped, True)
+    if not train:
+        raise UserError(f"no usable images found in {train_root}")
+    wants_validation = "validation" in splits
+    if "validation" in split_folders:
+        if wants_validation:
+            result["validation"] = _examples_for(
+                split_folders["validation"], class_names, "validation", max_pixels, skipped, False
+            )
+            if not result["validation"]:
+                raise UserError(f"no usable images found in {split_folders['validation']}")
+        note = f"validation folder {split_folders['validation']}"
+    else:
+        if not 0.0 < validation_split < 1.0:
+            raise UserError(
+                f"{root} has no validation folder, so validation_split must be between 0 and 1 "
+                f"(got {validation_split})"
+            )
+        train, held_out = stratified_holdout(train, validation_split, seed)
+        if not held_out:
+            raise UserError(f"too few images in {train_root} to hold out a validation split")
+        if wants_validation:
+            result["validation"] = held_out
+        note = f"{validation_split:.0%} of the training images held out (stratified, seed {seed})"
+    if "train" in splits:
+        result["train"] = train
+    if "test" in splits and "test" in split_folders:
+        result["test"] = _examples_for(
+            split_folders["test"], class_names, "test", max_pixels, skipped, False
+        )
+    return FolderDataset(str(root), class_names, result, skipped, note)

@@ -1,0 +1,324 @@
+"""The tf.data input pipeline: decode, resize, cache, shuffle, augment, batch, prefetch.
+
+Every source (an image folder, a TFDS dataset, the built-in demo) becomes a `Split`: a tf.data dataset of
+(uint8 RGB image of any size, int label). From there one path resizes and caches the images, and builds
+per-epoch training batches whose order and augmentation are a function of (seed, epoch) alone, so an
+interrupted run that resumes sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Iterator, Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from imgclf_jax import demo_data, folders, image_io
+from imgclf_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# JAX owns the accelerators; tf.data only needs the CPU.
+tf.config.set_visible_devices([], "GPU")
+
+RESIZE_METHODS = ("squash", "crop", "pad")
+_MAX_SHUFFLE_BUFFER = 16_384
+
+
+@dataclasses.dataclass
+class Split:
+    """One split: `images` yields (uint8 [H, W, 3] image, int32 label); decoding happens on iteration."""
+
+    num_examples: int
+    images: tf.data.Dataset
+
+
+@dataclasses.dataclass
+class DataSource:
+    description: str
+    class_names: list[str]
+    splits: dict[str, Split]
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    validation_note: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources.
+
+
+def folder_split(
+    examples: Sequence[folders.Example], decode_size: int, max_pixels: int
+) -> Split:
+    """A split read from image files, decoded with Pillow in parallel inside tf.data."""
+    paths = [e.path for e in examples]
+    labels = np.array([e.label for e in examples], dtype=np.int32)
+
+    def decode(path: bytes) -> np.ndarray:
+        return image_io.load_image(path.decode(), min_size=decode_size, max_pixels=max_pixels)
+
+    def load(path, label):
+        image = tf.numpy_function(decode, [path], tf.uint8, stateful=False)
+        image.set_shape([None, None, 3])
+        return image, label
+
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+        load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    return Split(len(paths), ds)
+
+
+def load_folder_source(
+    data_dir: str,
+    validation_split: float,
+    seed: int,
+    image_size: int,
+    max_pixels: int,
+    splits: Sequence[str] = ("train", "validation"),
+) -> DataSource:
+    found = folders.load_folder_dataset(data_dir, validation_split, seed, max_pixels, splits)
+    return DataSource(
+        description=f"folder {found.root}",
+        class_names=found.class_names,
+        splits={
+            name: folder_split(examples, image_size, max_pixels)
+            for name, examples in found.splits.items()
+        },
+        skipped=found.skipped,
+        validation_note=found.validation_note,
+    )
+
+
+def _tfds_image_to_rgb(image: tf.Tensor) -> tf.Tensor:
+    channels = image.shape[-1]
+    if channels == 1:
+        return tf.image.grayscale_to_rgb(image)
+    if channels == 4:
+        return image[..., :3]
+    return image
+
+
+def load_tfds_source(
+    name: str, validation_split: float, data_dir: Optional[str] = None
+) -> DataSource:
+    """A TFDS dataset; downloads and prepares it on first use (needs internet access then)."""
+    import tensorflow_datasets as tfds  # Heavy import; only this source needs it.
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # TFDS raises several types for unknown names.
+        raise UserError(f"unknown TFDS dataset '{name}' ({_first_line(e)})") from None
+    try:
+        builder.download_and_prepare()
+    except Exception as e:
+        raise UserError(
+            f"could not download or prepare TFDS dataset '{name}': {_first_line(e)}. TFDS needs internet "
+            "access the first time it prepares a dataset; offline, train on a local image folder with "
+            "--data_dir DIR"
+        ) from None
+    info = builder.info
+    if not info.supervised_keys:
+        raise UserError(f"TFDS dataset '{name}' has no (image, label) supervised keys")
+    image_key, label_key = info.supervised_keys[:2]
+    label_feature = info.features[label_key]
+    if not hasattr(label_feature, "names"):
+        raise UserError(f"TFDS dataset '{name}' has no class names for its label")
+    class_names = list(label_feature.names)
+
+    available = set(info.splits.keys())
+    if "train" not in available:
+        raise UserError(f"TFDS dataset '{name}' has no 'train' split (it has {sorted(available)})")
+    if "validation" in available:
+        split_specs = {"train": "train", "validation": "validation"}
+        note = "TFDS validation split"
+    else:
+        if not 0.0 < validation_split < 1.0:
+            raise UserError(f"validation_split must be between 0 and 1 (got {validation_split})")
+        cut = int(round(100 * (1.0 - validation_split)))
+        split_specs = {"train": f"train[:{cut}%]", "validation": f"train[{cut}%:]"}
+        note = f"last {100 - cut}% of the TFDS train split held out"
+    if "test" in available:
+        split_specs["test"] = "test"
+
+    splits = {}
+    for split_name, spec in split_specs.items():
+        ds = builder.as_dataset(split=spec, as_supervised=True, shuffle_files=False)
+        ds = ds.map(
+            lambda image, label: (_tfds_image_to_rgb(image), tf.cast(label, tf.int32)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        splits[split_name] = Split(int(info.splits[spec].num_examples), ds)
+    return DataSource(f"TFDS {name}", class_names, splits, [], note)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def load_source(config: ml_collections.ConfigDict, splits: Sequence[str] = ("train", "validation")) -> DataSource:
+    """Opens the data named by the config: `dataset` ('demo' or 'tfds:NAME') or `data_dir` (a folder)."""
+    if config.dataset and config.data_dir:
+        raise UserError("give either a data folder (--data_dir) or a dataset (--dataset), not both")
+    if config.dataset == "demo":
+        data_dir = demo_data.ensure_digits()
+    elif config.dataset.startswith("tfds:"):
+        return load_tfds_source(
+            config.dataset[len("tfds:"):], config.validation_split, config.tfds_data_dir or None
+        )
+    elif config.dataset:
+        raise UserError(f"unknown dataset '{config.dataset}': use 'tfds:NAME', 'demo', or --data_dir DIR")
+    elif config.data_dir:
+        data_dir = config.data_dir
+    else:
+        raise UserError("no data given: use --data_dir DIR (a folder of class sub-folders) or --dataset tfds:NAME")
+    return load_folder_source(
+        data_dir, config.validation_split, config.seed, config.image_size, config.max_image_pixels, splits
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preprocessing.
+
+
+def resize_image(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
+    """Resizes a uint8 image to (size, size, 3) uint8: 'squash' (ignore aspect), 'crop' (centre crop to a
+    square first) or 'pad' (keep aspect, pad with black)."""
+    image = tf.cast(image, tf.float32)
+    if method == "squash":
+        out = tf.image.resize(image, [size, size], antialias=True)
+    elif method == "crop":
+        shape = tf.shape(image)
+        height, width = shape[0], shape[1]
+        side = tf.minimum(height, width)
+        image = tf.image.crop_to_bounding_box(image, (height - side) // 2, (width - side) // 2, side, side)
+        out = tf.image.resize(image, [size, size], antialias=True)
+    elif method == "pad":
+        out = tf.image.resize_with_pad(image, size, size, antialias=True)
+    else:
+        raise UserError(f"unknown resize method '{method}' (choose from {', '.join(RESIZE_METHODS)})")
+    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+
+def prepare(split: Split, image_size: int, resize_method: str, cache: bool) -> tf.data.Dataset:
+    """Decoded, resized uint8 images and labels; cached in memory so later epochs skip decoding."""
+    ds = split.images.map(
+        lambda image, label: (resize_image(image, image_size, resize_method), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    if cache:
+        needed = split.num_examples * image_size * image_size * 3
+        available = _physical_memory_bytes()
+        if available and needed > available // 3:
+            log.warning(
+                "Not caching decoded images: %.1f GiB would exceed a third of this machine's memory; "
+                "every epoch will decode again.", needed / 2**30)
+        else:
+            ds = ds.cache()
+    return ds
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def to_float(image: tf.Tensor) -> tf.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1], the model's input range."""
+    return tf.cast(image, tf.float32) / 255.0
+
+
+def augment(image: tf.Tensor, seed: tf.Tensor, cfg: ml_collections.ConfigDict) -> tf.Tensor:
+    """Random training augmentation of one float [0, 1] image, fully determined by `seed` (shape [2])."""
+    size = image.shape[0]
+    seeds = tf.random.experimental.stateless_split(seed, num=6)
+    if cfg.crop_area_min < 1.0:  # Random-resized crop (area fraction, aspect 3/4..4/3), back to size.
+        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(image), tf.zeros([1, 0, 4]), seed=seeds[0], min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(cfg.crop_area_min, 1.0),
+            max_attempts=10, use_image_if_no_bounding_boxes=True)
+        image = tf.slice(image, begin, crop_size)
+        image = tf.image.resize(image, [size, size], antialias=True)
+    if cfg.flip:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    if cfg.rotation > 0.0 or cfg.zoom > 0.0:
+        angle = tf.random.stateless_uniform([], seeds[2], -cfg.rotation, cfg.rotation) * 2.0 * np.pi
+        zoom = tf.random.stateless_uniform([], seeds[3], 1.0 - cfg.zoom, 1.0 + cfg.zoom)
+        image = _rotate_and_zoom(image, angle, zoom)
+    if cfg.brightness > 0.0:
+        image = image + tf.random.stateless_uniform([], seeds[4], -cfg.brightness, cfg.brightness)
+    if cfg.contrast > 0.0:
+        image = tf.image.stateless_random_contrast(image, 1.0 - cfg.contrast, 1.0 + cfg.contrast, seeds[5])
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _rotate_and_zoom(image: tf.Tensor, angle: tf.Tensor, zoom: tf.Tensor) -> tf.Tensor:
+    """Rotates by `angle` radians about the centre and zooms (zoom > 1 shows more), reflecting at edges."""
+    size = float(image.shape[0])
+    centre = (size - 1.0) / 2.0
+    cos, sin = tf.cos(angle) * zoom, tf.sin(angle) * zoom
+    # Maps output pixel (x, y) to the input pixel it samples.
+    transform = tf.stack([
+        cos, -sin, centre - cos * centre + sin * centre,
+        sin, cos, centre - sin * centre - cos * centre,
+        0.0, 0.0,
+    ])[None]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform, output_shape=tf.shape(image)[:2],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+    return out[0]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 31-bit seed for one epoch of one run."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
+
+
+def train_batches(
+    prepared: tf.data.Dataset,
+    num_examples: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    augment_config: Optional[ml_collections.ConfigDict],
+) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of shuffled, augmented full batches; the same (seed, epoch) gives the same batches."""
+    this_epoch = epoch_seed(seed, epoch)
+    ds = prepared.shuffle(min(num_examples, _MAX_SHUFFLE_BUFFER), seed=this_epoch)
+    ds = ds.enumerate()
+
+    def process(index, example):
+        image, label = example
+        image = to_float(image)
+        if augment_config is not None:
+            image = augment(image, tf.stack([tf.constant(this_epoch, tf.int64), index]), augment_config)
+        return {"image": image, "label": label}
+
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.as_numpy_iterator()
+
+
+def eval_batches(prepared: tf.data.Dataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Every example exactly once, in order; the last batch is padded to full size with mask 0."""
+    ds = prepared.map(
+        lambda image, label: {"image": to_float(image), "label": label},
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+    ).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    for batch in ds.as_numpy_iterator():
+        n = len(batch["label"])
+        mask = np.ones(batch_size, np.float32)
+        if n < batch_size:
+            mask[n:] = 0.0
+            batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+                     for k, v in batch.items()}
+        batch["mask"] = mask
+        yield batch

@@ -1,0 +1,127 @@
+"""Flax CNNs. All take float32 images in [0, 1], shape (N, H, W, 3), and return (N, num_outputs) logits.
+
+- `tutorial_cnn`: the Keras tutorial's network exactly (conv 16/32/64 + max-pool, dense 128).
+- `cnn`: the same family, configurable (filters per block, convs per block, batch-norm, dropout, pooling).
+- `resnet`: a small residual network with batch-norm for photos.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from imgclf_jax.errors import UserError
+
+MODEL_NAMES = ("tutorial_cnn", "cnn", "resnet")
+
+
+class TutorialCNN(nn.Module):
+    """Keras tutorial CNN: three [conv 3x3 same + ReLU, max-pool 2x2] blocks, flatten, dense 128, output."""
+
+    num_outputs: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        for filters in (16, 32, 64):
+            x = nn.relu(nn.Conv(filters, (3, 3), padding="SAME")(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(128)(x))
+        return nn.Dense(self.num_outputs)(x)
+
+
+class CNN(nn.Module):
+    """Configurable plain CNN: blocks of [conv (+BN) + ReLU] x convs_per_block then 2x2 max-pool."""
+
+    num_outputs: int
+    filters: Sequence[int] = (32, 64, 128)
+    convs_per_block: int = 1
+    batch_norm: bool = False
+    dense_units: int = 128
+    dropout: float = 0.0
+    global_pool: bool = False
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        for filters in self.filters:
+            for _ in range(self.convs_per_block):
+                x = nn.Conv(filters, (3, 3), padding="SAME", use_bias=not self.batch_norm)(x)
+                if self.batch_norm:
+                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+                x = nn.relu(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = jnp.mean(x, axis=(1, 2)) if self.global_pool else x.reshape((x.shape[0], -1))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        if self.dense_units:
+            x = nn.relu(nn.Dense(self.dense_units)(x))
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_outputs)(x)
+
+
+class ResidualBlock(nn.Module):
+    """Basic (two 3x3 convs) pre-activation-free ResNet block with a projection shortcut when needed."""
+
+    filters: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, **kw)
+        residual = x
+        y = nn.Conv(self.filters, (3, 3), (self.strides, self.strides), padding="SAME", use_bias=False)(x)
+        y = nn.relu(norm()(y))
+        y = nn.Conv(self.filters, (3, 3), padding="SAME", use_bias=False)(y)
+        y = norm(scale_init=nn.initializers.zeros)(y)  # Each block starts as the identity.
+        if residual.shape != y.shape:
+            residual = nn.Conv(self.filters, (1, 1), (self.strides, self.strides), use_bias=False)(residual)
+            residual = norm()(residual)
+        return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+    """Small ResNet: a strided 3x3 stem, stages of residual blocks (stride 2 between stages), global pool."""
+
+    num_outputs: int
+    stage_sizes: Sequence[int] = (1, 1, 1, 1)
+    widths: Sequence[int] = (32, 64, 128, 256)
+    stem_strides: int = 2
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = nn.Conv(self.widths[0], (3, 3), (self.stem_strides, self.stem_strides), padding="SAME",
+                    use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+            for block in range(blocks):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = ResidualBlock(width, strides)(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_outputs)(x)
+
+
+def create_model(config: ml_collections.ConfigDict, num_outputs: int) -> nn.Module:
+    """Builds the model named by `config.model`, with its settings from `config.<model name>`."""
+    name = config.model
+    if name == "tutorial_cnn":
+        return TutorialCNN(num_outputs)
+    if name == "cnn":
+        c = config.cnn
+        return CNN(num_outputs, tuple(c.filters), c.convs_per_block, c.batch_norm, c.dense_units,
+                   c.dropout, c.global_pool)
+    if name == "resnet":
+        c = config.resnet
+        if len(c.stage_sizes) != len(c.widths):
+            raise UserError("resnet.stage_sizes and resnet.widths must have the same length")
+        return ResNet(num_outputs, tuple(c.stage_sizes), tuple(c.widths), c.stem_strides, c.dropout)
+    raise UserError(f"unknown model '{name}' (choose from {', '.join(MODEL_NAMES)})")
+
+
+def count_params(params: Any) -> int:
+    import jax
+
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,371 @@
+"""Training: the TrainState, the jitted train and eval steps, and the epoch loop around them.
+
+`train_step` and `eval_step` are pure functions of (state, batch); `train_and_evaluate(config, workdir)`
+does the I/O: data, logging, metrics, checkpoints (with resume) and plots. Run it with
+
+    python -m imgclf_jax.train [--config configs/X.py] [--data_dir DIR | --dataset tfds:NAME] [...]
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax.training import train_state
+
+from imgclf_jax import checkpointing, cli, config_lib, input_pipeline, losses, models, plotting
+from imgclf_jax.errors import UserError
+from imgclf_jax.metrics import MetricsLog, read_metrics
+
+log = logging.getLogger(__name__)
+
+CLASSES_FILE = "classes.json"
+CONFIG_FILE = "config.json"
+SKIPPED_FILE = "skipped_files.txt"
+CURVES_FILE = "training_curves.png"
+
+
+class TrainState(train_state.TrainState):
+    """Params, optimizer state and step (from flax), plus batch-norm statistics and the dropout key."""
+
+    batch_stats: Any
+    dropout_key: jax.Array
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# State and optimizer.
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """Constant, or linear warmup then cosine decay to zero over the whole run."""
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    total_steps = config.epochs * steps_per_epoch
+    if config.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if warmup_steps else config.learning_rate,
+            peak_value=config.learning_rate,
+            warmup_steps=warmup_steps,
+            decay_steps=max(total_steps, warmup_steps + 1),
+            end_value=0.0,
+        )
+    if warmup_steps:
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, config.learning_rate, warmup_steps),
+             optax.constant_schedule(config.learning_rate)],
+            [warmup_steps],
+        )
+    return optax.constant_schedule(config.learning_rate)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
+    """Adam, or AdamW (decoupled weight decay, not applied to biases and norm scales) if weight_decay > 0."""
+    if config.weight_decay > 0:
+        decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+        return optax.adamw(learning_rate_fn, weight_decay=config.weight_decay, mask=decay_mask)
+    return optax.adam(learning_rate_fn)
+
+
+def create_train_state(
+    model: flax.linen.Module,
+    image_size: int,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+) -> TrainState:
+    params_key, dropout_key = jax.random.split(jax.random.key(seed))
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        params_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    )
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optimizer,
+        batch_stats=variables.get("batch_stats", {}),
+        dropout_key=jax.random.key_data(dropout_key),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steps (pure; jitted once by the loop).
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], loss_kind: str, label_smoothing: float
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on one batch; returns the new state and the batch's mean loss and accuracy."""
+    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_key},
+        )
+        loss = losses.per_example_loss(logits, batch["label"], loss_kind, label_smoothing).mean()
+        return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+    correct = losses.predicted_class(logits, loss_kind) == batch["label"]
+    return state, {"loss": loss, "accuracy": correct.mean()}
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], loss_kind: str) -> dict[str, jax.Array]:
+    """Sums over the real (mask 1) examples of a padded batch, plus the logits for reports."""
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
+    mask = batch["mask"]
+    loss = losses.per_example_loss(logits, batch["label"], loss_kind)
+    correct = (losses.predicted_class(logits, loss_kind) == batch["label"]).astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(loss * mask),
+        "correct": jnp.sum(correct * mask),
+        "count": jnp.sum(mask),
+        "logits": logits,
+    }
+
+
+def evaluate_batches(
+    eval_fn: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]]
+) -> dict[str, float]:
+    """Mean loss and accuracy over every real example of `batches`."""
+    sums = [eval_fn(state, batch) for batch in batches]
+    totals = jax.device_get({k: sum(s[k] for s in sums) for k in ("loss_sum", "correct", "count")})
+    count = float(totals["count"])
+    return {
+        "loss": float(totals["loss_sum"]) / max(count, 1.0),
+        "accuracy": float(totals["correct"]) / max(count, 1.0),
+        "num_examples": int(count),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _check_workdir_classes(workdir: str, class_names: list[str]) -> None:
+    path = os.path.join(workdir, CLASSES_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != class_names:
+            raise UserError(
+                f"work directory {workdir} was trained on classes {saved}, but this data has {class_names}; "
+                "use another --workdir"
+            )
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _write_skipped(workdir: str, skipped: list[tuple[str, str]]) -> None:
+    path = os.path.join(workdir, SKIPPED_FILE)
+    if not skipped:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    with open(path, "w") as f:
+        f.writelines(f"{p}\t{reason}\n" for p, reason in skipped)
+    log.warning("Skipped %d unusable file(s) (listed in %s):", len(skipped), path)
+    for p, reason in skipped[:10]:
+        log.warning("  %s: %s", p, reason)
+    if len(skipped) > 10:
+        log.warning("  ... and %d more", len(skipped) - 10)
+
+
+def _first_nonfinite(step_metrics: list[dict[str, Any]]) -> Optional[int]:
+    for i, m in enumerate(step_metrics):
+        if not math.isfinite(float(m["loss"])):
+            return i
+    return None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+    """Trains (resuming from the latest checkpoint in `workdir` if any) and returns the metrics records."""
+    config_lib.validate(config)
+    source = input_pipeline.load_source(config)
+    class_names = source.class_names
+    train_split, val_split = source.splits["train"], source.splits["validation"]
+    if train_split.num_examples < config.batch_size:
+        raise UserError(
+            f"batch_size {config.batch_size} is larger than the training set ({train_split.num_examples} "
+            "images); lower --batch_size"
+        )
+    loss_kind = losses.resolve_loss(config.loss, len(class_names))
+
+    os.makedirs(workdir, exist_ok=True)
+    _check_workdir_classes(workdir, class_names)
+    _write_json(os.path.join(workdir, CLASSES_FILE), class_names)
+    config_lib.save_config(config, os.path.join(workdir, CONFIG_FILE))
+    _write_skipped(workdir, source.skipped)
+    log.info(
+        "Data: %s; %d classes (%s); %d training and %d validation images (validation: %s).",
+        source.description, len(class_names), ", ".join(class_names[:10]) + (" ..." if len(class_names) > 10 else ""),
+        train_split.num_examples, val_split.num_examples, source.validation_note,
+    )
+
+    steps_per_epoch = train_split.num_examples // config.batch_size
+    learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+    model = models.create_model(config, losses.num_outputs(loss_kind, len(class_names)))
+    state = create_train_state(model, config.image_size, create_optimizer(config, learning_rate_fn), config.seed)
+    log.info(
+        "Model: %s, %s parameters, %s cross-entropy; %d steps of %d images per epoch on %s.",
+        config.model, f"{models.count_params(state.params):,}", loss_kind, steps_per_epoch,
+        config.batch_size, jax.devices()[0].platform.upper(),
+    )
+
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoints_to_keep)
+    metrics_log = MetricsLog(workdir)
+    try:
+        restored = checkpointer.restore(state)
+    except Exception as e:
+        raise UserError(
+            f"the checkpoints in {workdir} do not match this config ({str(e).splitlines()[0][:200]}); "
+            "use another --workdir"
+        ) from None
+    start_epoch = 0
+    if restored is not None:
+        state, meta, step = restored
+        start_epoch = int(meta["epoch"])
+        log.info("Resuming from the checkpoint of epoch %d (step %d) in %s.", start_epoch, step, workdir)
+    metrics_log.keep_up_to(start_epoch)
+    if start_epoch >= config.epochs:
+        log.info("Already trained for %d of %d epochs; nothing to do.", start_epoch, config.epochs)
+
+    train_fn = jax.jit(
+        functools.partial(train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(functools.partial(eval_step, loss_kind=loss_kind))
+    train_images = input_pipeline.prepare(train_split, config.image_size, config.resize, config.cache)
+    val_images = input_pipeline.prepare(val_split, config.image_size, config.resize, config.cache)
+    augment_config = config.augment if config.augment.enabled else None
+
+    try:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            epoch_start = time.perf_counter()
+            step_metrics = []
+            batches = input_pipeline.train_batches(
+                train_images, train_split.num_examples, config.batch_size, config.seed, epoch, augment_config
+            )
+            with tqdm.tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step",
+                           disable=None, leave=False, file=sys.stderr) as bar:
+                for i, batch in enumerate(batches):
+                    state, metrics = train_fn(state, batch)
+                    step_metrics.append(metrics)
+                    bar.update(1)
+                    if not bar.disable and (i % 10 == 9 or i == steps_per_epoch - 1):
+                        last = jax.device_get(metrics)
+                        seconds = time.perf_counter() - epoch_start
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}",
+                                        img_s=f"{(i + 1) * config.batch_size / seconds:.0f}")
+            step_metrics = jax.device_get(step_metrics)
+            train_seconds = time.perf_counter() - epoch_start
+            bad = _first_nonfinite(step_metrics)
+            if bad is not None:
+                raise TrainingDiverged(
+                    f"the training loss became {float(step_metrics[bad]['loss'])} at epoch {epoch}, step "
+                    f"{int(state.step) - len(step_metrics) + bad + 1}; stopped without saving this epoch "
+                    f"(the last good checkpoint stays the latest). Try a lower --learning_rate"
+                )
+            val = evaluate_batches(eval_fn, state, input_pipeline.eval_batches(val_images, config.batch_size))
+            record = {
+                "epoch": epoch,
+                "step": int(state.step),
+                "train_loss": float(np.mean([m["loss"] for m in step_metrics])),
+                "train_accuracy": float(np.mean([m["accuracy"] for m in step_metrics])),
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "learning_rate": float(learning_rate_fn(int(state.step) - 1)),
+                "epoch_time_s": time.perf_counter() - epoch_start,
+                "train_images_per_s": len(step_metrics) * config.batch_size / train_seconds,
+            }
+            metrics_log.append(record)
+            checkpointer.save(int(state.step), state, {"epoch": epoch}, record)
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s | %.1f s",
+                epoch, config.epochs, record["train_loss"], record["train_accuracy"], record["val_loss"],
+                record["val_accuracy"], record["train_images_per_s"], record["epoch_time_s"],
+            )
+    finally:
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+
+    records = read_metrics(workdir)
+    if records:
+        plotting.plot_training_curves({config.name: records}, os.path.join(workdir, CURVES_FILE))
+        best = max(records, key=lambda r: r["val_accuracy"])
+        log.info("Best validation accuracy %.4f at epoch %d. Work directory: %s",
+                 best["val_accuracy"], best["epoch"], workdir)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (configs/*.py). Default: configs/demo.py with no data flags, "
+        "configs/default.py with --data_dir/--dataset. Override any field with --config.FIELD=VALUE.",
+        lock_config=True)
+    flags.DEFINE_string("workdir", None, "Work directory (default checkpoints/<config name>).")
+    flags.DEFINE_string("data_dir", None, "Image folder: DIR/<class>/... or DIR/train/<class>/... "
+                        "with DIR/validation/ (or val/) and optional DIR/test/.")
+    flags.DEFINE_string("dataset", None, "'tfds:NAME' for a TensorFlow Datasets set, or 'demo'.")
+    flags.DEFINE_integer("epochs", None, "Number of training epochs.")
+    flags.DEFINE_integer("batch_size", None, "Training batch size.")
+    flags.DEFINE_float("learning_rate", None, "Peak learning rate.")
+    flags.DEFINE_integer("image_size", None, "Images are resized to IMAGE_SIZE x IMAGE_SIZE.")
+    flags.DEFINE_integer("seed", None, "Random seed (initialisation, data order, augmentation).")
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = FLAGS.config
+    config_lib.apply_overrides(
+        config, data_dir=FLAGS.data_dir, dataset=FLAGS.dataset, epochs=FLAGS.epochs,
+        batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, image_size=FLAGS.image_size,
+        seed=FLAGS.seed,
+    )
+    train_and_evaluate(config, config_lib.default_workdir(config, FLAGS.workdir))
+
+
+def run() -> None:
+    _define_flags()
+    cli.run("imgclf_jax.train", main, lambda: config_lib.default_config_argv(sys.argv))
+
+
+if __name__ == "__main__":
+    run()
