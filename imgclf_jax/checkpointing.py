@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Any, Optional, Union
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -67,7 +68,7 @@ class Checkpointer:
             candidates = [self.best_step()]
         else:
             candidates = [int(step)]
-        abstract = ocp.utils.to_shape_dtype_struct(target)
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         for i, candidate in enumerate(candidates):
             try:
                 restored = self._manager.restore(

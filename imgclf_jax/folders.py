@@ -210,23 +210,23 @@ def _examples_for(
             f"(training classes: {list(class_names)})"
         )
     per_class: dict[int, list[str]] = {}
+    non_images: dict[int, list[tuple[str, str]]] = {}
     for label, name in enumerate(class_names):
         if name not in present:
             if require_every_class:
                 raise UserError(f"class folder '{name}' is missing from {class_root}")
             continue
-        candidates, bad = list_candidate_files(present[name])
-        skipped.extend(bad)
-        per_class[label] = candidates
+        per_class[label], non_images[label] = list_candidate_files(present[name])
     verdicts = check_files([p for c in per_class.values() for p in c], class_root, max_pixels)
     examples = []
     for label, candidates in per_class.items():
         usable = [p for p in candidates if not verdicts[p]]
-        skipped.extend((p, verdicts[p]) for p in candidates if verdicts[p])
+        unusable = non_images[label] + [(p, verdicts[p]) for p in candidates if verdicts[p]]
+        skipped.extend(unusable)
         if not usable and split_name == "train":
             raise UserError(
                 f"class folder {present[class_names[label]]} has no usable images"
-                + (f" ({len(candidates)} image file(s) could not be decoded)" if candidates else "")
+                + (f" ({len(unusable)} image file(s) could not be used)" if unusable else "")
             )
         examples.extend(Example(p, label) for p in usable)
     return examples

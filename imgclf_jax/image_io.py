@@ -61,11 +61,9 @@ def describe_non_image(header: bytes) -> str:
     text = header.lstrip().lower()
     if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<svg")):
         return "not an image (HTML/XML text)"
-    try:
-        header.decode("utf-8")
+    if all(b >= 32 or b in b"\t\n\r" for b in header):  # UTF-8 text has no other control bytes.
         return "not an image (text)"
-    except UnicodeDecodeError:
-        return "not an image (unrecognised content)"
+    return "not an image (unrecognised content)"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -132,8 +130,8 @@ def load_image(
         raise
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         reason = str(e) or type(e).__name__
-        if "truncated" in reason:
-            reason = "truncated image (" + reason + ")"
+        if "truncated" in reason.lower():
+            reason = f"truncated image ({reason})"
         raise UnusableImageError(f"cannot decode: {reason}") from None
 
 

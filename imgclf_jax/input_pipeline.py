@@ -199,7 +199,10 @@ def resize_image(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
         image = tf.image.crop_to_bounding_box(image, (height - side) // 2, (width - side) // 2, side, side)
         out = tf.image.resize(image, [size, size], antialias=True)
     elif method == "pad":
-        out = tf.image.resize_with_pad(image, size, size, antialias=True)
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scaled = tf.maximum(tf.cast(tf.round(shape * (size / tf.reduce_max(shape))), tf.int32), 1)
+        out = tf.image.resize(image, scaled, antialias=True)
+        out = tf.image.pad_to_bounding_box(out, (size - scaled[0]) // 2, (size - scaled[1]) // 2, size, size)
     else:
         raise UserError(f"unknown resize method '{method}' (choose from {', '.join(RESIZE_METHODS)})")
     return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)

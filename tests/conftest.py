@@ -1,0 +1,82 @@
+"""Shared fixtures: small generated image folders (never the shared datasets), an isolated scan cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def isolated_scan_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own scan cache, so verdicts never leak between tests or into ~/.cache."""
+    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path_factory.mktemp("scan_cache")))
+
+
+def class_image(label: int, size: tuple[int, int] = (24, 20), seed: int = 0) -> np.ndarray:
+    """An RGB image whose class is easy to learn: class 0 is dark with a bright left half, class 1 bright
+    with a dark left half (and so on for more classes), plus noise."""
+    rng = np.random.default_rng([label, seed])
+    width, height = size
+    base = 40 + 170 * (label % 2)
+    image = np.full((height, width, 3), base, np.float64)
+    image[:, : width // 2] = 255 - base
+    image[..., label % 3] += 30 * (label // 2)
+    image += rng.normal(0, 12, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_image(path: Path, pixels: np.ndarray, fmt: str | None = None, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels)
+    if mode:
+        image = image.convert(mode)
+    image.save(path, format=fmt)
+    return path
+
+
+def make_class_folder(root: Path, classes: dict[str, int], start: int = 0, size=(24, 20)) -> Path:
+    """`root/<class>/img_<i>.png|jpg`: `classes` maps names to image counts; formats alternate."""
+    for label, (name, count) in enumerate(sorted(classes.items())):
+        for i in range(start, start + count):
+            ext = "png" if i % 2 else "jpg"
+            write_image(root / name / f"img_{i}.{ext}", class_image(label, size, seed=i))
+    return root
+
+
+@pytest.fixture
+def two_class_dir(tmp_path) -> Path:
+    """DIR/train/{cats,dogs} (24 each) and DIR/validation/{cats,dogs} (8 each)."""
+    make_class_folder(tmp_path / "data" / "train", {"cats": 24, "dogs": 24})
+    make_class_folder(tmp_path / "data" / "validation", {"cats": 8, "dogs": 8}, start=100)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def flat_three_class_dir(tmp_path) -> Path:
+    """DIR/{a,b,c}/ directly (no split folders): 15 images each."""
+    return make_class_folder(tmp_path / "flat", {"a": 15, "b": 15, "c": 15})
+
+
+@pytest.fixture
+def tiny_config():
+    """A fast config for end-to-end tests on generated folders."""
+    from imgclf_jax import config_lib
+
+    config = config_lib.base_config()
+    config.name = "tiny"
+    config.image_size = 16
+    config.model = "cnn"
+    config.cnn.filters = (8, 16)
+    config.cnn.dense_units = 16
+    config.epochs = 2
+    config.batch_size = 8
+    config.learning_rate = 3e-3
+    return config

@@ -1,0 +1,121 @@
+"""Finding classes, usable files and splits in image folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import class_image, make_class_folder, write_image
+from imgclf_jax import folders
+from imgclf_jax.errors import UserError
+
+
+def _counts(examples, n_classes):
+    return [sum(e.label == k for e in examples) for k in range(n_classes)]
+
+
+def test_train_validation_layout(two_class_dir):
+    found = folders.load_folder_dataset(str(two_class_dir))
+    assert found.class_names == ["cats", "dogs"]
+    assert _counts(found.splits["train"], 2) == [24, 24]
+    assert _counts(found.splits["validation"], 2) == [8, 8]
+    assert "validation folder" in found.validation_note
+    assert not found.skipped
+
+
+def test_val_folder_name_is_accepted(tmp_path):
+    make_class_folder(tmp_path / "d" / "train", {"x": 4, "y": 4})
+    make_class_folder(tmp_path / "d" / "val", {"x": 2, "y": 2}, start=50)
+    found = folders.load_folder_dataset(str(tmp_path / "d"))
+    assert len(found.splits["validation"]) == 4
+
+
+def test_flat_layout_holds_out_a_stratified_seeded_split(flat_three_class_dir):
+    found = folders.load_folder_dataset(str(flat_three_class_dir), validation_split=0.2, seed=3)
+    assert found.class_names == ["a", "b", "c"]
+    assert _counts(found.splits["validation"], 3) == [3, 3, 3]
+    assert _counts(found.splits["train"], 3) == [12, 12, 12]
+    train_paths = {e.path for e in found.splits["train"]}
+    assert not train_paths & {e.path for e in found.splits["validation"]}
+    again = folders.load_folder_dataset(str(flat_three_class_dir), validation_split=0.2, seed=3)
+    assert again.splits == found.splits
+    other_seed = folders.load_folder_dataset(str(flat_three_class_dir), validation_split=0.2, seed=4)
+    assert other_seed.splits["validation"] != found.splits["validation"]
+
+
+def test_train_and_test_without_validation_holds_out_from_train(tmp_path):
+    make_class_folder(tmp_path / "d" / "train", {"x": 10, "y": 10})
+    make_class_folder(tmp_path / "d" / "test", {"x": 3, "y": 3}, start=50)
+    found = folders.load_folder_dataset(str(tmp_path / "d"), splits=("train", "validation", "test"))
+    assert len(found.splits["validation"]) == 4 and len(found.splits["train"]) == 16
+    assert len(found.splits["test"]) == 6
+    assert all("/test/" in e.path for e in found.splits["test"])
+
+
+def test_images_found_recursively_and_junk_ignored(tmp_path):
+    root = make_class_folder(tmp_path / "d", {"x": 4, "y": 4})
+    write_image(root / "x" / "nested" / "deeper.png", class_image(0))
+    (root / "x" / ".DS_Store").write_bytes(b"\x00\x01junk")
+    (root / "x" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (root / "y" / "readme.txt").write_text("photos from my phone")
+    write_image(root / "y" / "no_extension", class_image(1), "PNG")
+    found = folders.load_folder_dataset(str(root), validation_split=0.25)
+    paths = [e.path for s in found.splits.values() for e in s]
+    assert len(paths) == 10
+    assert any(p.endswith("deeper.png") for p in paths) and any(p.endswith("no_extension") for p in paths)
+    assert not found.skipped
+
+
+def test_broken_files_are_skipped_and_named(tmp_path):
+    root = make_class_folder(tmp_path / "d", {"x": 4, "y": 4})
+    (root / "x" / "page.jpg").write_text("<html><body>Not Found</body></html>")
+    (root / "y" / "empty.png").write_bytes(b"")
+    good = (root / "x" / "img_0.jpg").read_bytes()
+    (root / "y" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    found = folders.load_folder_dataset(str(root), validation_split=0.25)
+    skipped = {Path(p).name: reason for p, reason in found.skipped}
+    assert set(skipped) == {"page.jpg", "empty.png", "cut.jpg"}
+    assert "HTML" in skipped["page.jpg"] and "empty" in skipped["empty.png"]
+    assert "truncated" in skipped["cut.jpg"]
+    assert sum(len(s) for s in found.splits.values()) == 8
+
+
+def test_scan_verdicts_are_cached(tmp_path, monkeypatch):
+    root = make_class_folder(tmp_path / "d", {"x": 3, "y": 3})
+    folders.load_folder_dataset(str(root), validation_split=0.34)
+    checked = []
+    monkeypatch.setattr(folders, "_check_file", lambda p, m: checked.append(p) or "")
+    folders.load_folder_dataset(str(root), validation_split=0.34)
+    assert checked == []
+    write_image(root / "x" / "img_0.jpg", class_image(0, seed=99))  # Changed file: checked again.
+    folders.load_folder_dataset(str(root), validation_split=0.34)
+    assert [Path(p).name for p in checked] == ["img_0.jpg"]
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda r: None, "does not exist"),
+    (lambda r: r.mkdir(), "no class folders"),
+    (lambda r: make_class_folder(r, {"only": 3}), "only one class folder \\('only'\\)"),
+    (lambda r: (make_class_folder(r, {"x": 3}), (r / "y").mkdir()), "class folder .*y has no usable images"),
+    (lambda r: (make_class_folder(r, {"x": 3}), (r / "y").mkdir(), (r / "y" / "a.jpg").write_text("hi")),
+     "y has no usable images \\(1 image file"),
+])
+def test_bad_folders_give_clear_errors(tmp_path, setup, message):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(UserError, match=message):
+        folders.load_folder_dataset(str(root))
+
+
+def test_validation_class_unknown_to_training_is_an_error(two_class_dir):
+    make_class_folder(two_class_dir / "validation", {"birds": 2})
+    with pytest.raises(UserError, match="birds"):
+        folders.load_folder_dataset(str(two_class_dir))
+
+
+def test_stratified_holdout_keeps_singletons_in_train():
+    examples = [folders.Example(f"a{i}", 0) for i in range(10)] + [folders.Example("b0", 1)]
+    train, held = folders.stratified_holdout(examples, 0.2, seed=0)
+    assert [e.label for e in held] == [0, 0]
+    assert folders.Example("b0", 1) in train

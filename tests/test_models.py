@@ -1,0 +1,63 @@
+"""Model output shapes, parameter counts and batch-norm state."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from imgclf_jax import config_lib, models
+
+
+def _init(model, size):
+    return model.init(jax.random.key(0), jnp.zeros((2, size, size, 3)), train=False)
+
+
+@pytest.mark.parametrize("num_outputs, expected", [(5, 3_989_285), (1, 3_988_769)])
+def test_tutorial_cnn_matches_the_keras_tutorial_parameter_count(num_outputs, expected):
+    # Keras's tutorial prints 3,989,285 parameters for this network with 5 classes at 180x180.
+    variables = _init(models.TutorialCNN(num_outputs), 180)
+    assert models.count_params(variables["params"]) == expected
+    assert "batch_stats" not in variables
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("num_outputs", [1, 4])
+def test_every_model_gives_one_logit_row_per_image(name, num_outputs):
+    config = config_lib.base_config()
+    config.model = name
+    model = models.create_model(config, num_outputs)
+    variables = _init(model, 32)
+    logits = model.apply(variables, jnp.ones((3, 32, 32, 3)), train=False)
+    assert logits.shape == (3, num_outputs)
+    assert jnp.all(jnp.isfinite(logits))
+
+
+def test_cnn_options_change_the_network():
+    plain = models.CNN(2, filters=(8, 16), dense_units=32)
+    bn = models.CNN(2, filters=(8, 16), dense_units=32, batch_norm=True, convs_per_block=2, global_pool=True)
+    plain_vars, bn_vars = _init(plain, 16), _init(bn, 16)
+    # plain: conv 3*3*3*8+8, conv 3*3*8*16+16, dense (4*4*16)*32+32, out 32*2+2
+    assert models.count_params(plain_vars["params"]) == 224 + 1168 + 8224 + 66
+    assert "batch_stats" in bn_vars and "batch_stats" not in plain_vars
+
+
+def test_resnet_updates_batch_stats_in_training_and_uses_dropout_rng():
+    model = models.ResNet(3, stage_sizes=(1, 1), widths=(8, 16), dropout=0.5)
+    variables = _init(model, 16)
+    x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
+    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": jax.random.key(2)})
+    assert logits.shape == (4, 3)
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
+                                     updates["batch_stats"])
+    assert any(jax.tree_util.tree_leaves(changed))
+
+
+def test_unknown_model_is_a_user_error():
+    from imgclf_jax.errors import UserError
+
+    config = config_lib.base_config()
+    config.model = "vgg99"
+    with pytest.raises(UserError, match="unknown model 'vgg99'"):
+        models.create_model(config, 2)
