@@ -37,11 +37,19 @@ def run(prog: str, main: Callable[[Sequence[str]], None], argv_fn: Callable[[], 
             print(f"{prog}: interrupted", file=sys.stderr, flush=True)
             sys.exit(EXIT_INTERRUPTED)
 
+    def parse_flags(argv: list[str]) -> list[str]:
+        try:
+            return app.parse_flags_with_usage(argv)
+        except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that does not exist.
+            _fail(prog, f"unknown config field {str(e).strip(chr(34))} in a --config.FIELD=VALUE override")
+        except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type for its field.
+            _fail(prog, f"bad --config override: {e}")
+
     try:
         argv = argv_fn()
     except UserError as e:
         _fail(prog, str(e))
-    app.run(guarded_main, argv=argv)
+    app.run(guarded_main, argv=argv, flags_parser=parse_flags)
 
 
 def _fail(prog: str, message: str) -> None:

@@ -1,0 +1,45 @@
+"""The command line as a user meets it: bad invocations end in one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from imgclf_jax import config_lib
+
+
+def _train(*args, cwd):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "imgclf_jax.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data_dir", "no/such/folder"], "imgclf_jax.train: error: data folder no/such/folder does not exist"),
+    (["--config", "missing_config.py"], "imgclf_jax.train: error: config file missing_config.py does not exist"),
+    (["--epochs", "0"], "imgclf_jax.train: error: epochs must be a positive whole number (got 0)"),
+    (["--learning_rate=-1"], "imgclf_jax.train: error: learning_rate must be a non-negative number (got -1.0)"),
+])
+def test_bad_invocations_print_one_line_and_exit_2(tmp_path, args, message):
+    result = _train(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_config_field_is_an_error(tmp_path):
+    result = _train("--config", str(config_lib.CONFIGS_DIR / "demo.py"), "--config.no_such_field=3", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "no_such_field" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_one_epoch_of_the_default_demo_from_the_command_line(tmp_path):
+    result = _train("--epochs", "1", "--workdir", str(tmp_path / "w"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "epoch 1/1" in result.stderr
+    assert (tmp_path / "data" / "digits").is_dir()
+    assert (tmp_path / "w" / "training_curves.png").is_file()

@@ -1,0 +1,64 @@
+"""Config files, default-config selection, overrides and validation."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from imgclf_jax import config_lib
+from imgclf_jax.errors import UserError
+
+CONFIG_FILES = sorted(config_lib.CONFIGS_DIR.glob("*.py"))
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_required_configs_exist():
+    assert {p.stem for p in CONFIG_FILES} >= {"default", "demo", "cats_vs_dogs", "tutorial_cnn"}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_every_config_is_valid_and_has_every_base_field(path):
+    config = _load(path)
+    assert config.name == path.stem
+    assert set(config.keys()) == set(config_lib.base_config().keys())
+    config_lib.validate(config)
+
+
+def test_tutorial_config_is_the_keras_recipe():
+    config = _load(config_lib.CONFIGS_DIR / "tutorial_cnn.py")
+    assert (config.model, config.image_size, config.batch_size, config.learning_rate) == (
+        "tutorial_cnn", 180, 32, 1e-3)
+    assert not config.augment.enabled and config.weight_decay == 0 and config.lr_schedule == "constant"
+
+
+def test_default_config_depends_on_data_flags():
+    assert config_lib.default_config_argv(["train"]) == ["train", f"--config={config_lib.CONFIGS_DIR / 'demo.py'}"]
+    argv = config_lib.default_config_argv(["train", "--data_dir", "x", "--config.epochs=3"])
+    assert argv[1] == f"--config={config_lib.CONFIGS_DIR / 'default.py'}" and argv[2:] == ["--data_dir", "x",
+                                                                                           "--config.epochs=3"]
+    argv = config_lib.default_config_argv(["train", "--config", "tutorial_cnn"])
+    assert argv == ["train", "--config", str(config_lib.CONFIGS_DIR / "tutorial_cnn.py")]
+    with pytest.raises(UserError, match="config file nope.py does not exist"):
+        config_lib.default_config_argv(["train", "--config=nope.py"])
+
+
+def test_data_flag_overrides_replace_the_data_source():
+    config = _load(config_lib.CONFIGS_DIR / "demo.py")
+    config_lib.apply_overrides(config, data_dir="photos", epochs=None, batch_size=7)
+    assert (config.dataset, config.data_dir, config.batch_size, config.epochs) == ("", "photos", 7, 8)
+    config_lib.apply_overrides(config, dataset="tfds:tf_flowers")
+    assert (config.dataset, config.data_dir) == ("tfds:tf_flowers", "")
+
+
+def test_saved_config_round_trips_without_executing_code(tmp_path):
+    config = _load(config_lib.CONFIGS_DIR / "cats_vs_dogs.py")
+    config_lib.save_config(config, str(tmp_path / "config.json"))
+    loaded = config_lib.load_saved_config(str(tmp_path / "config.json"))
+    assert loaded.to_dict() == config.to_dict()

@@ -1,0 +1,154 @@
+"""The train step, evaluation counting, and whole runs with checkpoints, resume and outputs."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imgclf_jax import input_pipeline, losses, models, train
+from imgclf_jax.errors import UserError
+from imgclf_jax.metrics import REQUIRED_KEYS, read_metrics
+
+
+def _state(config, num_outputs):
+    model = models.create_model(config, num_outputs)
+    lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
+    return train.create_train_state(model, config.image_size, train.create_optimizer(config, lr), config.seed)
+
+
+@pytest.mark.parametrize("loss_kind, num_classes", [("sigmoid", 2), ("softmax", 3)])
+def test_train_step_lowers_the_loss_on_a_batch(tiny_config, loss_kind, num_classes):
+    tiny_config.cnn.batch_norm = True
+    tiny_config.cnn.dropout = 0.1
+    state = _state(tiny_config, losses.num_outputs(loss_kind, num_classes))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
+             "label": (np.arange(8) % num_classes).astype(np.int32)}
+    step = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=0.0),
+                   donate_argnums=0)
+    state, first = step(state, batch)
+    for _ in range(30):
+        state, last = step(state, batch)
+    assert int(state.step) == 31
+    assert float(last["loss"]) < 0.5 * float(first["loss"])
+    assert float(last["accuracy"]) == 1.0
+
+
+def test_learning_rate_schedules(tiny_config):
+    tiny_config.update(lr_schedule="cosine", warmup_epochs=1.0, epochs=4, learning_rate=0.1)
+    lr = train.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
+    assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(0.1)
+    assert float(lr(25)) == pytest.approx(0.05, rel=1e-3) and float(lr(40)) == pytest.approx(0.0, abs=1e-7)
+    tiny_config.update(lr_schedule="constant", warmup_epochs=0.0)
+    assert float(train.create_learning_rate_fn(tiny_config, 10)(37)) == pytest.approx(0.1)
+
+
+def test_evaluation_counts_each_example_once_whatever_the_batch_size(tiny_config, two_class_dir):
+    state = _state(tiny_config, 1)
+    source = input_pipeline.load_folder_source(str(two_class_dir), 0.2, 0, 16, 10**8)
+    prepared = input_pipeline.prepare(source.splits["validation"], 16, "squash", cache=True)
+    eval_fn = jax.jit(functools.partial(train.eval_step, loss_kind="sigmoid"))
+    results = [train.evaluate_batches(eval_fn, state, input_pipeline.eval_batches(prepared, bs))
+               for bs in (3, 16, 50)]
+    assert all(r["num_examples"] == 16 for r in results)
+    for r in results[1:]:
+        assert r["accuracy"] == results[0]["accuracy"]
+        assert r["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+
+
+def test_two_epoch_run_writes_every_output_then_resumes(tiny_config, two_class_dir, tmp_path, caplog):
+    tiny_config.data_dir = str(two_class_dir)
+    workdir = tmp_path / "work"
+    records = train.train_and_evaluate(tiny_config, str(workdir))
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(set(REQUIRED_KEYS) <= set(r) for r in records)
+    assert records[-1]["step"] == 2 * (48 // 8)
+    assert records[-1]["val_accuracy"] >= 0.9  # The generated classes are easy.
+    for name in ("config.json", "classes.json", "metrics.jsonl", "metrics.csv", "training_curves.png"):
+        assert (workdir / name).is_file(), name
+    assert json.loads((workdir / "classes.json").read_text()) == ["cats", "dogs"]
+    assert json.loads((workdir / "config.json").read_text())["data_dir"] == str(two_class_dir)
+
+    tiny_config.epochs = 3
+    caplog.set_level("INFO")
+    records = train.train_and_evaluate(tiny_config, str(workdir))
+    assert "Resuming from the checkpoint of epoch 2" in caplog.text
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert len((workdir / "metrics.csv").read_text().splitlines()) == 4
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 18
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_config, two_class_dir, tmp_path, monkeypatch):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=3, lr_schedule="cosine", warmup_epochs=0.5)
+    tiny_config.cnn.dropout = 0.2
+    tiny_config.augment.update(enabled=True, flip=True, crop_area_min=0.6)
+    train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
+
+    real_batches = input_pipeline.train_batches
+
+    def interrupt_in_epoch_3(*args, **kwargs):
+        if args[4] == 3:
+            raise KeyboardInterrupt
+        return real_batches(*args, **kwargs)
+
+    monkeypatch.setattr(input_pipeline, "train_batches", interrupt_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    assert [r["epoch"] for r in read_metrics(str(tmp_path / "resumed"))] == [1, 2]
+    monkeypatch.setattr(input_pipeline, "train_batches", real_batches)
+    train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+
+    def final_params(name):
+        config_state = _state(tiny_config, 1)
+        from imgclf_jax.checkpointing import Checkpointer
+
+        restored, _, _ = Checkpointer(str(tmp_path / name / "checkpoints"), read_only=True).restore(config_state)
+        return restored.params
+
+    for a, b in zip(jax.tree_util.tree_leaves(final_params("straight")),
+                    jax.tree_util.tree_leaves(final_params("resumed"))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    straight = read_metrics(str(tmp_path / "straight"))
+    resumed = read_metrics(str(tmp_path / "resumed"))
+    assert [r["val_loss"] for r in straight] == pytest.approx([r["val_loss"] for r in resumed], rel=1e-6)
+
+
+def test_three_classes_use_softmax_and_a_held_out_split(tiny_config, flat_three_class_dir, tmp_path):
+    tiny_config.update(data_dir=str(flat_three_class_dir), epochs=1, validation_split=0.2)
+    records = train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+    assert len(records) == 1 and 0.0 <= records[0]["val_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "w" / "classes.json").read_text()) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 0, "epochs must be a positive"),
+    ("batch_size", -4, "batch_size must be a positive"),
+    ("image_size", 0, "image_size must be a positive"),
+    ("learning_rate", -0.1, "learning_rate must be a non-negative"),
+    ("resize", "stretch", "resize must be"),
+])
+def test_bad_config_values_are_refused_before_reading_data(tiny_config, tmp_path, field, value, message):
+    tiny_config.data_dir = str(tmp_path / "does_not_matter")
+    setattr(tiny_config, field, value)
+    with pytest.raises(UserError, match=message):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+
+
+def test_batch_larger_than_training_set_is_refused(tiny_config, two_class_dir, tmp_path):
+    tiny_config.update(data_dir=str(two_class_dir), batch_size=64)
+    with pytest.raises(UserError, match="batch_size 64 is larger than the training set \\(48 images\\)"):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+
+
+def test_workdir_of_other_classes_is_refused(tiny_config, two_class_dir, tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "classes.json").write_text('["apples", "pears"]')
+    tiny_config.data_dir = str(two_class_dir)
+    with pytest.raises(UserError, match="trained on classes \\['apples', 'pears'\\]"):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
