@@ -18,6 +18,8 @@ def setup_logging() -> None:
     """Our messages at INFO as 'HH:MM:SS message'; libraries (orbax, absl) only from WARNING up."""
     handler = absl_logging.get_absl_handler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    # orbax reports routine events (e.g. opening checkpoints read-only) as warnings through absl.
+    handler.addFilter(lambda record: record.levelno >= logging.ERROR or "orbax" not in record.pathname)
     absl_logging.set_verbosity(absl_logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
     for noisy in ("jax", "orbax", "tensorflow", "etils"):

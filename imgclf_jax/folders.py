@@ -206,8 +206,8 @@ def _examples_for(
     unknown = sorted(set(present) - set(class_names))
     if unknown:
         raise UserError(
-            f"{class_root} has class folder(s) {unknown} that the training folder does not have "
-            f"(training classes: {list(class_names)})"
+            f"{class_root} has class folder(s) {unknown} that are not among the trained classes "
+            f"{list(class_names)}"
         )
     per_class: dict[int, list[str]] = {}
     non_images: dict[int, list[tuple[str, str]]] = {}
@@ -230,6 +230,25 @@ def _examples_for(
             )
         examples.extend(Example(p, label) for p in usable)
     return examples
+
+
+def load_class_folder(
+    root: str, class_names: Sequence[str], max_pixels: int = image_io.DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[list[Example], list[tuple[str, str]]]:
+    """Usable images of `root/<class>/...`, labelled by each class's position in `class_names`.
+
+    Every sub-folder must be one of `class_names` (classes may be missing). Returns (examples, skipped).
+    """
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise UserError(f"folder {root} does not exist")
+    if not list_class_folders(path):
+        raise UserError(f"no class folders in {root}: expected {root}/<class>/<images>")
+    skipped: list[tuple[str, str]] = []
+    examples = _examples_for(path, class_names, "evaluation", max_pixels, skipped, False)
+    if not examples:
+        raise UserError(f"no usable images found in {root}")
+    return examples, skipped
 
 
 def load_folder_dataset(

@@ -1,4 +1,5 @@
-"""The per-epoch metrics log: `metrics.jsonl` (one JSON object per epoch) and `metrics.csv` beside it."""
+"""Metrics: the per-epoch log (`metrics.jsonl`, `metrics.csv` beside it, TensorBoard events) and the
+classification report that evaluation writes."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
 REQUIRED_KEYS = (
     "epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
     "learning_rate", "epoch_time_s", "train_images_per_s",
@@ -40,6 +44,7 @@ class MetricsLog:
         self.workdir = Path(workdir)
         self.path = self.workdir / METRICS_FILE
         self.csv_path = self.workdir / CSV_FILE
+        self._tensorboard = None
 
     def keep_up_to(self, epoch: int) -> None:
         records = [r for r in read_metrics(str(self.workdir)) if r.get("epoch", 0) <= epoch]
@@ -51,6 +56,26 @@ class MetricsLog:
             f.flush()
             os.fsync(f.fileno())
         self._write_csv(read_metrics(str(self.workdir)))
+        self._write_tensorboard(record)
+
+    def _write_tensorboard(self, record: dict[str, Any]) -> None:
+        """Scalars by epoch in `tensorboard/` for `tensorboard --logdir WORKDIR`.
+
+        Written with TensorFlow's core `tf.summary.write` and the scalars plugin's metadata, which is what
+        `tf.summary.scalar` does, without needing the tensorboard package installed to write them.
+        """
+        import tensorflow as tf  # Already loaded by the input pipeline when training.
+
+        if self._tensorboard is None:
+            self._tensorboard = tf.summary.create_file_writer(str(self.workdir / TENSORBOARD_DIR))
+        metadata = tf.compat.v1.SummaryMetadata(
+            plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
+        with self._tensorboard.as_default():
+            for key, value in record.items():
+                if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                    tf.summary.write(key, tf.constant(float(value), tf.float32), step=int(record["epoch"]),
+                                     metadata=metadata)
+        self._tensorboard.flush()
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
         tmp = self.path.with_suffix(".jsonl.tmp")
@@ -68,3 +93,40 @@ class MetricsLog:
             writer.writeheader()
             writer.writerows(records)
         os.replace(tmp, self.csv_path)
+
+
+def classification_report(
+    probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, loss, per-class precision/recall/F1/support and the confusion matrix (rows = true class,
+    columns = predicted, in `class_names` order); ROC-AUC for two classes, top-5 accuracy for more than five.
+    """
+    from sklearn import metrics as skm  # Imported here: only evaluation needs it.
+
+    num_classes = len(class_names)
+    labels = np.asarray(labels, np.int64)
+    probabilities = np.asarray(probabilities, np.float64)
+    predicted = probabilities.argmax(axis=-1)
+    class_ids = list(range(num_classes))
+    p_true = probabilities[np.arange(len(labels)), labels]
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        labels, predicted, labels=class_ids, zero_division=0)
+    report: dict[str, Any] = {
+        "accuracy": float(np.mean(predicted == labels)),
+        "loss": float(np.mean(-np.log(np.clip(p_true, 1e-12, 1.0)))),
+        "num_examples": int(len(labels)),
+        "classes": list(class_names),
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                   "support": int(support[i])}
+            for i, name in enumerate(class_names)
+        },
+        "macro_f1": float(np.mean(f1)),
+        "confusion_matrix": skm.confusion_matrix(labels, predicted, labels=class_ids).tolist(),
+    }
+    if num_classes == 2 and len(set(labels.tolist())) == 2:
+        report["roc_auc"] = float(skm.roc_auc_score(labels, probabilities[:, 1]))
+    if num_classes > 5:
+        report["top5_accuracy"] = float(
+            skm.top_k_accuracy_score(labels, probabilities, k=5, labels=class_ids))
+    return report

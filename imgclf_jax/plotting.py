@@ -32,3 +32,31 @@ def plot_training_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: str
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str,
+                          title: str = "Confusion matrix") -> None:
+    """Counts per (true, predicted) class, shaded by the fraction of each true class."""
+    import numpy as np
+
+    counts = np.asarray(matrix)
+    n = len(class_names)
+    row_totals = counts.sum(axis=1, keepdims=True)
+    fractions = counts / np.maximum(row_totals, 1)
+    side = min(4.0 + 0.45 * n, 30.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_xticks(range(n), labels=class_names, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), labels=class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center",
+                        color="white" if fractions[i, j] > 0.5 else "black", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

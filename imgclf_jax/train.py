@@ -318,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     records = read_metrics(workdir)
     if records:
         plotting.plot_training_curves({config.name: records}, os.path.join(workdir, CURVES_FILE))
-        best = max(records, key=lambda r: r["val_accuracy"])
+        best = max(reversed(records), key=lambda r: r["val_accuracy"])  # Ties: the latest, as orbax.
         log.info("Best validation accuracy %.4f at epoch %d. Work directory: %s",
                  best["val_accuracy"], best["epoch"], workdir)
     return records

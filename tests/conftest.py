@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Session-wide fixtures must not write the scan cache into ~/.cache either.
+os.environ["IMGCLF_CACHE_DIR"] = tempfile.mkdtemp(prefix="imgclf_scan_cache_")
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -68,6 +71,10 @@ def flat_three_class_dir(tmp_path) -> Path:
 @pytest.fixture
 def tiny_config():
     """A fast config for end-to-end tests on generated folders."""
+    return tiny_base_config()
+
+
+def tiny_base_config():
     from imgclf_jax import config_lib
 
     config = config_lib.base_config()
@@ -80,3 +87,18 @@ def tiny_config():
     config.batch_size = 8
     config.learning_rate = 3e-3
     return config
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny two-class run trained once per session: (workdir, data_dir)."""
+    from imgclf_jax import train
+
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "data"
+    make_class_folder(data / "train", {"cats": 24, "dogs": 24})
+    make_class_folder(data / "validation", {"cats": 7, "dogs": 6}, start=100)
+    config = tiny_base_config()
+    config.data_dir = str(data)
+    train.train_and_evaluate(config, str(root / "work"))
+    return root / "work", data

@@ -1,0 +1,85 @@
+"""Loading a trained run from its work directory and turning images into class probabilities.
+
+Shared by `evaluate` and `predict`. Everything is read from plain files (config.json, classes.json, orbax
+checkpoints): nothing is unpickled and no code from the work directory runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Callable, Union
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from imgclf_jax import checkpointing, config_lib, losses, models, train
+from imgclf_jax.errors import UserError
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    workdir: str
+    config: ml_collections.ConfigDict
+    class_names: list[str]
+    loss_kind: str
+    state: train.TrainState
+    step: int
+    epoch: int
+
+
+def load_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
+    """Restores the checkpoint `checkpoint` ('best', 'latest' or a step number) of the run in `workdir`."""
+    config_path = os.path.join(workdir, train.CONFIG_FILE)
+    classes_path = os.path.join(workdir, train.CLASSES_FILE)
+    if not os.path.isdir(workdir):
+        raise UserError(f"work directory {workdir} does not exist")
+    if not (os.path.isfile(config_path) and os.path.isfile(classes_path)):
+        raise UserError(f"{workdir} is not a training work directory (no config.json / classes.json)")
+    config = config_lib.load_saved_config(config_path)
+    with open(classes_path) as f:
+        class_names = json.load(f)
+    loss_kind = losses.resolve_loss(config.loss, len(class_names))
+    model = models.create_model(config, losses.num_outputs(loss_kind, len(class_names)))
+    optimizer = train.create_optimizer(config, train.create_learning_rate_fn(config, steps_per_epoch=1))
+    target = train.create_train_state(model, config.image_size, optimizer, config.seed)
+
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise UserError(f"no checkpoint in {workdir}: train first (python -m imgclf_jax.train --workdir {workdir})")
+    if checkpoint not in ("best", "latest"):
+        try:
+            checkpoint = int(checkpoint)
+        except ValueError:
+            raise UserError(f"--checkpoint must be 'best', 'latest' or a step number (got {checkpoint!r})") from None
+        if checkpoint not in steps:
+            raise UserError(f"no checkpoint at step {checkpoint} in {workdir} (steps: {steps})")
+    state, meta, step = checkpointer.restore(target, checkpoint)
+    checkpointer.close()
+    return TrainedRun(workdir, config, class_names, loss_kind, state, step, int(meta["epoch"]))
+
+
+def make_predict_fn(run: TrainedRun, tta: str = "none") -> Callable[[np.ndarray], np.ndarray]:
+    """Returns a jitted images (N, S, S, 3) float [0, 1] -> (N, num_classes) probabilities function.
+
+    tta='flip' averages the probabilities of each image and its mirror image.
+    """
+    if tta not in ("none", "flip"):
+        raise UserError(f"--tta must be 'none' or 'flip' (got {tta!r})")
+    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+    apply = functools.partial(run.state.apply_fn, train=False)
+
+    @jax.jit
+    def predict(images: jnp.ndarray) -> jnp.ndarray:
+        probs = losses.probabilities(apply(variables, images), run.loss_kind)
+        if tta == "flip":
+            mirrored = losses.probabilities(apply(variables, images[:, :, ::-1, :]), run.loss_kind)
+            probs = (probs + mirrored) / 2.0
+        return probs
+
+    return predict

@@ -1,0 +1,90 @@
+"""The evaluation entry point: counts, report fields, class matching and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import make_class_folder
+from imgclf_jax import evaluate, inference
+from imgclf_jax.errors import UserError
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_report_counts_every_image_once_for_any_batch_size(trained_run, batch_size):
+    workdir, data = trained_run
+    report = evaluate.evaluate(str(workdir), data_dir=str(data), batch_size=batch_size, name=f"bs{batch_size}")
+    matrix = np.array(report["confusion_matrix"])
+    assert matrix.sum() == report["num_examples"] == 13
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(report["accuracy"])
+    assert [report["per_class"][c]["support"] for c in ("cats", "dogs")] == [7, 6]
+    assert matrix.sum(axis=1).tolist() == [7, 6]
+    assert 0.0 <= report["roc_auc"] <= 1.0 and "top5_accuracy" not in report
+    saved = json.loads((workdir / f"eval_bs{batch_size}.json").read_text())
+    assert saved["confusion_matrix"] == report["confusion_matrix"] and saved["classes"] == ["cats", "dogs"]
+    assert (workdir / f"confusion_matrix_bs{batch_size}.png").stat().st_size > 1000
+
+
+def test_best_checkpoint_reproduces_the_logged_validation_accuracy(trained_run):
+    workdir, _ = trained_run
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    report = evaluate.evaluate(str(workdir))  # The run's own data: its validation folder.
+    (evaluated,) = [r for r in records if r["epoch"] == report["epoch"]]
+    assert evaluated["val_accuracy"] == max(r["val_accuracy"] for r in records)
+    assert report["accuracy"] == pytest.approx(evaluated["val_accuracy"])
+    assert report["loss"] == pytest.approx(evaluated["val_loss"], rel=1e-4)
+    assert report["name"] == "validation"
+
+
+def test_a_folder_of_class_folders_and_a_missing_class(trained_run, tmp_path):
+    workdir, data = trained_run
+    only_dogs = tmp_path / "only_dogs"
+    shutil.copytree(data / "validation" / "dogs", only_dogs / "dogs")
+    report = evaluate.evaluate(str(workdir), data_dir=str(only_dogs), checkpoint="latest")
+    assert report["name"] == "only_dogs" and report["num_examples"] == 6
+    assert report["per_class"]["cats"]["support"] == 0 and "roc_auc" not in report
+
+
+def test_flip_tta_averages_the_image_and_its_mirror(trained_run):
+    workdir, _ = trained_run
+    run = inference.load_run(str(workdir))
+    images = np.random.default_rng(0).uniform(size=(4, 16, 16, 3)).astype(np.float32)
+    plain = np.asarray(inference.make_predict_fn(run)(images))
+    mirrored = np.asarray(inference.make_predict_fn(run)(images[:, :, ::-1]))
+    np.testing.assert_allclose(inference.make_predict_fn(run, "flip")(images), (plain + mirrored) / 2, rtol=1e-5)
+    report = evaluate.evaluate(str(workdir), tta="flip", name="tta")
+    assert report["tta"] == "flip" and report["num_examples"] == 13
+
+
+def test_unknown_class_folder_is_a_clear_error(trained_run, tmp_path):
+    workdir, _ = trained_run
+    make_class_folder(tmp_path / "zoo", {"cats": 2, "zebras": 2})
+    with pytest.raises(UserError, match="\\['zebras'\\] that are not among the trained classes"):
+        evaluate.evaluate(str(workdir), data_dir=str(tmp_path / "zoo"))
+
+
+def test_missing_split_and_missing_folder(trained_run, tmp_path):
+    workdir, data = trained_run
+    with pytest.raises(UserError, match="has no 'test' split"):
+        evaluate.evaluate(str(workdir), data_dir=str(data), split="test")
+    with pytest.raises(UserError, match="does not exist"):
+        evaluate.evaluate(str(workdir), data_dir=str(tmp_path / "nowhere"))
+
+
+def test_empty_or_untrained_work_directories(tmp_path, trained_run):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a training work directory"):
+        evaluate.evaluate(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="does not exist"):
+        evaluate.evaluate(str(tmp_path / "missing"))
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    for name in ("config.json", "classes.json"):
+        shutil.copy(trained_run[0] / name, untrained / name)
+    with pytest.raises(UserError, match="no checkpoint in"):
+        evaluate.evaluate(str(untrained))
+    with pytest.raises(UserError, match="no checkpoint at step 999"):
+        evaluate.evaluate(str(trained_run[0]), checkpoint="999")

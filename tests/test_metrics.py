@@ -1,0 +1,70 @@
+"""The metrics log (jsonl, csv, TensorBoard), the classification report and the plotting script."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgclf_jax.metrics import MetricsLog, classification_report, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _record(epoch):
+    return {"epoch": epoch, "step": 10 * epoch, "train_loss": 1.0 / epoch, "train_accuracy": 0.5,
+            "val_loss": 1.2 / epoch, "val_accuracy": 0.4 + 0.1 * epoch, "learning_rate": 1e-3,
+            "epoch_time_s": 2.0, "train_images_per_s": 100.0}
+
+
+def test_log_appends_rewinds_and_mirrors_to_csv_and_tensorboard(tmp_path):
+    log = MetricsLog(str(tmp_path))
+    for epoch in (1, 2, 3):
+        log.append(_record(epoch))
+    log.keep_up_to(2)  # Resuming from the checkpoint of epoch 2.
+    log.append(_record(3))
+    assert [r["epoch"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and float(rows[1]["val_accuracy"]) == pytest.approx(0.6)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_line_cut_short_by_a_kill_is_ignored(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n" + '{"epoch": 2, "st')
+    assert [r["epoch"] for r in read_metrics(str(tmp_path))] == [1]
+
+
+def test_report_for_many_classes_has_top5_and_consistent_counts():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 200)
+    logits = rng.normal(size=(200, 7)) + 2.0 * np.eye(7)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    report = classification_report(probs, labels, [f"c{i}" for i in range(7)])
+    matrix = np.array(report["confusion_matrix"])
+    assert matrix.sum() == 200 and np.trace(matrix) / 200 == pytest.approx(report["accuracy"])
+    top5 = np.mean([label in np.argsort(-p)[:5] for p, label in zip(probs, labels)])
+    assert report["top5_accuracy"] == pytest.approx(top5)
+    assert report["loss"] == pytest.approx(np.mean(-np.log(probs[np.arange(200), labels])))
+    assert sum(m["support"] for m in report["per_class"].values()) == 200
+
+
+def test_plot_metrics_script_overlays_runs(tmp_path):
+    for name in ("a", "b"):
+        log = MetricsLog(str(tmp_path / name))
+        (tmp_path / name).mkdir()
+        for epoch in (1, 2):
+            log.append(_record(epoch))
+    script = str(REPO / "scripts" / "plot_metrics.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "a")], check=True, capture_output=True)
+    assert (tmp_path / "a" / "training_curves.png").stat().st_size > 1000
+    out = tmp_path / "both.png"
+    subprocess.run([sys.executable, script, str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)],
+                   check=True, capture_output=True)
+    assert out.stat().st_size > 1000
+    failed = subprocess.run([sys.executable, script, str(tmp_path / "none")], capture_output=True, text=True)
+    assert failed.returncode == 2 and "no metrics.jsonl records" in failed.stderr
