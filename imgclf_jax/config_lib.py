@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.resize = "squash"  # 'squash' | 'crop' (centre square) | 'pad' (keep aspect, black borders).
     c.cache = True  # Keep decoded, resized images in memory after the first epoch.
     c.max_image_pixels = image_io.DEFAULT_MAX_IMAGE_PIXELS  # Larger images are skipped (bombs).
+    c.strict = False  # True: any unusable file is an error instead of being skipped.
     c.augment = ml_collections.ConfigDict(dict(
         enabled=False,
         flip=False,  # Random horizontal flip.

@@ -208,6 +208,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     """Trains (resuming from the latest checkpoint in `workdir` if any) and returns the metrics records."""
     config_lib.validate(config)
     source = input_pipeline.load_source(config)
+    if config.strict and source.skipped:
+        listed = "; ".join(f"{p}: {reason}" for p, reason in source.skipped[:5])
+        more = f" (and {len(source.skipped) - 5} more)" if len(source.skipped) > 5 else ""
+        raise UserError(f"{len(source.skipped)} unusable file(s) and --strict is set: {listed}{more}")
     class_names = source.class_names
     train_split, val_split = source.splits["train"], source.splits["validation"]
     if train_split.num_examples < config.batch_size:
@@ -345,6 +349,7 @@ def _define_flags() -> None:
     flags.DEFINE_float("learning_rate", None, "Peak learning rate.")
     flags.DEFINE_integer("image_size", None, "Images are resized to IMAGE_SIZE x IMAGE_SIZE.")
     flags.DEFINE_integer("seed", None, "Random seed (initialisation, data order, augmentation).")
+    flags.DEFINE_bool("strict", None, "Stop with an error if any file is unusable, instead of skipping it.")
 
 
 def main(argv) -> None:
@@ -357,7 +362,7 @@ def main(argv) -> None:
     config_lib.apply_overrides(
         config, data_dir=FLAGS.data_dir, dataset=FLAGS.dataset, epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, image_size=FLAGS.image_size,
-        seed=FLAGS.seed,
+        seed=FLAGS.seed, strict=FLAGS.strict,
     )
     train_and_evaluate(config, config_lib.default_workdir(config, FLAGS.workdir))
 

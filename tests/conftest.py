@@ -102,3 +102,16 @@ def trained_run(tmp_path_factory):
     config.data_dir = str(data)
     train.train_and_evaluate(config, str(root / "work"))
     return root / "work", data
+
+
+def png_bomb_bytes(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A tiny PNG whose header declares width x height RGB pixels (7.5 GB decoded at 50k x 50k)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))

@@ -117,3 +117,24 @@ def test_decompression_bomb_is_refused_from_the_header(tmp_path):
 def test_junk_names():
     assert image_io.is_junk_name(".DS_Store") and image_io.is_junk_name("Thumbs.db")
     assert image_io.is_junk_name("._cat.jpg") and not image_io.is_junk_name("cat.jpg")
+
+
+def test_bomb_header_is_refused_before_decoding_and_scanning_stays_small(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import make_class_folder, png_bomb_bytes
+
+    bomb = tmp_path / "d" / "x" / "bomb.png"
+    make_class_folder(tmp_path / "d", {"x": 3, "y": 3})
+    bomb.write_bytes(png_bomb_bytes())
+    with pytest.raises(image_io.UnusableImageError, match="50000x50000 = 2,500,000,000 pixels, above the limit"):
+        image_io.load_image(str(bomb))
+    code = ("import resource, sys; from imgclf_jax import folders; "
+            "f = folders.load_folder_dataset(sys.argv[1], 0.34); "
+            "print(len(f.skipped), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    skipped, peak_mib = int(out[0]), int(out[1])
+    assert skipped == 1
+    assert peak_mib < 1024  # Decoding the bomb would need 7,000+ MiB.

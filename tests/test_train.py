@@ -152,3 +152,86 @@ def test_workdir_of_other_classes_is_refused(tiny_config, two_class_dir, tmp_pat
     tiny_config.data_dir = str(two_class_dir)
     with pytest.raises(UserError, match="trained on classes \\['apples', 'pears'\\]"):
         train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+
+
+def test_unusable_files_are_skipped_named_or_fatal_with_strict(tiny_config, two_class_dir, tmp_path):
+    from conftest import png_bomb_bytes
+
+    train_dir = two_class_dir / "train"
+    (train_dir / "cats" / "page.jpg").write_text("<!DOCTYPE html><html>Access denied</html>")
+    (train_dir / "dogs" / "empty.jpg").write_bytes(b"")
+    (train_dir / "dogs" / "noise.png").write_bytes(np.random.default_rng(0).bytes(300))
+    good = (train_dir / "cats" / "img_0.jpg").read_bytes()
+    (train_dir / "cats" / "cut.jpg").write_bytes(good[:200])
+    (train_dir / "dogs" / "bomb.png").write_bytes(png_bomb_bytes())
+    tiny_config.update(data_dir=str(two_class_dir), epochs=1)
+    records = train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+    assert len(records) == 1
+    listed = dict(line.split("\t") for line in (tmp_path / "w" / "skipped_files.txt").read_text().splitlines())
+    assert {p.rsplit("/", 1)[1] for p in listed} == {"page.jpg", "empty.jpg", "noise.png", "cut.jpg", "bomb.png"}
+    assert "HTML" in listed[str(train_dir / "cats" / "page.jpg")]
+    assert "above the limit" in listed[str(train_dir / "dogs" / "bomb.png")]
+    tiny_config.strict = True
+    with pytest.raises(UserError, match="5 unusable file\\(s\\) and --strict is set"):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "w2"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, two_class_dir, tmp_path):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=1)
+    workdir = str(tmp_path / "w")
+    train.train_and_evaluate(tiny_config, workdir)
+    tiny_config.update(epochs=3, learning_rate=1e38)  # Adam steps of ~1e38 overflow float32 at once.
+    with pytest.raises(train.TrainingDiverged, match="at epoch 2, step \\d+; stopped without saving"):
+        train.train_and_evaluate(tiny_config, workdir)
+    assert [r["epoch"] for r in read_metrics(workdir)] == [1]
+    from imgclf_jax.checkpointing import Checkpointer
+
+    assert Checkpointer(str(tmp_path / "w" / "checkpoints"), read_only=True).latest_step() == 48 // 8
+
+
+def test_sigkill_then_the_same_command_ends_like_an_uninterrupted_run(two_class_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from imgclf_jax import inference
+
+    config_file = tmp_path / "kill_config.py"
+    config_file.write_text(
+        "from imgclf_jax import config_lib\n\n"
+        "def get_config():\n"
+        "    c = config_lib.base_config()\n"
+        "    c.name = 'kill'\n"
+        "    c.image_size, c.model, c.cnn.filters, c.cnn.dense_units = 24, 'cnn', (8, 16), 16\n"
+        "    c.cnn.dropout, c.augment.enabled, c.augment.flip = 0.1, True, True\n"
+        "    c.epochs, c.batch_size, c.learning_rate, c.lr_schedule = 12, 4, 2e-3, 'cosine'\n"
+        "    return c\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+    def command(workdir):
+        return [sys.executable, "-m", "imgclf_jax.train", "--config", str(config_file),
+                "--data_dir", str(two_class_dir), "--workdir", str(workdir)]
+
+    subprocess.run(command(tmp_path / "straight"), env=env, check=True, capture_output=True, timeout=600)
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(command(killed_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(read_metrics(str(killed_dir))) < 2:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    epochs_done = len(read_metrics(str(killed_dir)))
+    assert 2 <= epochs_done < 12, "the run must be killed part-way"
+
+    resumed = subprocess.run(command(killed_dir), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from the checkpoint of epoch" in resumed.stderr
+    straight, again = read_metrics(str(tmp_path / "straight")), read_metrics(str(killed_dir))
+    assert [r["epoch"] for r in again] == list(range(1, 13))
+    assert [r["val_loss"] for r in again] == pytest.approx([r["val_loss"] for r in straight], rel=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(inference.load_run(str(tmp_path / "straight"), "latest").state.params),
+                    jax.tree_util.tree_leaves(inference.load_run(str(killed_dir), "latest").state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
