@@ -217,6 +217,8 @@ def _examples_for(
                 raise UserError(f"class folder '{name}' is missing from {class_root}")
             continue
         per_class[label], non_images[label] = list_candidate_files(present[name])
+    if split_name == "train" and not any(per_class.values()):
+        raise UserError(f"no images found in {class_root} (looked in {len(per_class)} class folders)")
     verdicts = check_files([p for c in per_class.values() for p in c], class_root, max_pixels)
     examples = []
     for label, candidates in per_class.items():

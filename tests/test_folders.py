@@ -98,6 +98,8 @@ def test_scan_verdicts_are_cached(tmp_path, monkeypatch):
     (lambda r: r.mkdir(), "no class folders"),
     (lambda r: make_class_folder(r, {"only": 3}), "only one class folder \\('only'\\)"),
     (lambda r: (make_class_folder(r, {"x": 3}), (r / "y").mkdir()), "class folder .*y has no usable images"),
+    (lambda r: ((r / "x").mkdir(parents=True), (r / "y").mkdir(), (r / "y" / "notes.txt").write_text("hi")),
+     "no images found in .*data \\(looked in 2 class folders\\)"),
     (lambda r: (make_class_folder(r, {"x": 3}), (r / "y").mkdir(), (r / "y" / "a.jpg").write_text("hi")),
      "y has no usable images \\(1 image file"),
 ])
