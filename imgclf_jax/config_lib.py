@@ -6,6 +6,7 @@ the same fields (an override of a field that does not exist is an error, not a s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -80,6 +81,15 @@ def find_config_file(path: str) -> str:
         if candidate.is_file():
             return str(candidate)
     raise UserError(f"config file {path} does not exist")
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Runs a config file's `get_config()`; lets one config start from another (e.g. 'default')."""
+    resolved = find_config_file(path)
+    spec = importlib.util.spec_from_file_location(f"imgclf_config_{Path(resolved).stem}", resolved)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def default_config_argv(argv: Sequence[str]) -> list[str]:

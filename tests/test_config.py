@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from imgclf_jax import config_lib
@@ -13,10 +11,7 @@ CONFIG_FILES = sorted(config_lib.CONFIGS_DIR.glob("*.py"))
 
 
 def _load(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config_file(str(path))
 
 
 def test_required_configs_exist():
