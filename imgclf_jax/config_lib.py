@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Model: `model` picks the network; its settings live in the sub-config of the same name.
     c.model = "cnn"
+    # Convolution implementation: 'auto' (matmul weight gradients on CPU, XLA's own elsewhere), 'xla',
+    # 'matmul_grad'. Results agree up to float rounding; only speed differs (docs/performance.md).
+    c.conv_impl = "auto"
     c.cnn = ml_collections.ConfigDict(dict(
         filters=(32, 64, 128), convs_per_block=1, batch_norm=False, dense_units=128, dropout=0.0,
         global_pool=False,

@@ -7,26 +7,38 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
+from imgclf_jax import conv
 from imgclf_jax.errors import UserError
 
 MODEL_NAMES = ("tutorial_cnn", "cnn", "resnet")
+CONV_IMPLS = ("auto", "xla", "matmul_grad")
+
+# Every model takes `conv`: the convolution function its nn.Conv layers use (None = lax's).
+ConvFn = Optional[Callable[..., jax.Array]]
+
+
+def _conv_layer(conv_fn: ConvFn):
+    return functools.partial(nn.Conv, conv_general_dilated=conv_fn)
 
 
 class TutorialCNN(nn.Module):
     """Keras tutorial CNN: three [conv 3x3 same + ReLU, max-pool 2x2] blocks, flatten, dense 128, output."""
 
     num_outputs: int
+    conv: ConvFn = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         for filters in (16, 32, 64):
-            x = nn.relu(nn.Conv(filters, (3, 3), padding="SAME")(x))
+            x = nn.relu(_conv_layer(self.conv)(filters, (3, 3), padding="SAME")(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(128)(x))
@@ -43,12 +55,13 @@ class CNN(nn.Module):
     dense_units: int = 128
     dropout: float = 0.0
     global_pool: bool = False
+    conv: ConvFn = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         for filters in self.filters:
             for _ in range(self.convs_per_block):
-                x = nn.Conv(filters, (3, 3), padding="SAME", use_bias=not self.batch_norm)(x)
+                x = _conv_layer(self.conv)(filters, (3, 3), padding="SAME", use_bias=not self.batch_norm)(x)
                 if self.batch_norm:
                     x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
                 x = nn.relu(x)
@@ -66,17 +79,19 @@ class ResidualBlock(nn.Module):
 
     filters: int
     strides: int = 1
+    conv: ConvFn = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, **kw)
+        conv_layer = _conv_layer(self.conv)
         residual = x
-        y = nn.Conv(self.filters, (3, 3), (self.strides, self.strides), padding="SAME", use_bias=False)(x)
+        y = conv_layer(self.filters, (3, 3), (self.strides, self.strides), padding="SAME", use_bias=False)(x)
         y = nn.relu(norm()(y))
-        y = nn.Conv(self.filters, (3, 3), padding="SAME", use_bias=False)(y)
+        y = conv_layer(self.filters, (3, 3), padding="SAME", use_bias=False)(y)
         y = norm(scale_init=nn.initializers.zeros)(y)  # Each block starts as the identity.
         if residual.shape != y.shape:
-            residual = nn.Conv(self.filters, (1, 1), (self.strides, self.strides), use_bias=False)(residual)
+            residual = conv_layer(self.filters, (1, 1), (self.strides, self.strides), use_bias=False)(residual)
             residual = norm()(residual)
         return nn.relu(residual + y)
 
@@ -89,35 +104,47 @@ class ResNet(nn.Module):
     widths: Sequence[int] = (32, 64, 128, 256)
     stem_strides: int = 2
     dropout: float = 0.0
+    conv: ConvFn = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = nn.Conv(self.widths[0], (3, 3), (self.stem_strides, self.stem_strides), padding="SAME",
-                    use_bias=False)(x)
+        x = _conv_layer(self.conv)(self.widths[0], (3, 3), (self.stem_strides, self.stem_strides),
+                                   padding="SAME", use_bias=False)(x)
         x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for block in range(blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = ResidualBlock(width, strides)(x, train)
+                x = ResidualBlock(width, strides, self.conv)(x, train)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_outputs)(x)
 
 
+def conv_function(conv_impl: str, backend: Optional[str] = None) -> ConvFn:
+    """'xla': lax's convolution; 'matmul_grad': `conv.conv_general_dilated` (its weight gradient is
+    matmuls); 'auto': matmul_grad on CPU, where it is several times faster, xla on GPU/TPU."""
+    if conv_impl not in CONV_IMPLS:
+        raise UserError(f"unknown conv_impl '{conv_impl}' (choose from {', '.join(CONV_IMPLS)})")
+    if conv_impl == "auto":
+        conv_impl = "matmul_grad" if (backend or jax.default_backend()) == "cpu" else "xla"
+    return conv.conv_general_dilated if conv_impl == "matmul_grad" else None
+
+
 def create_model(config: ml_collections.ConfigDict, num_outputs: int) -> nn.Module:
     """Builds the model named by `config.model`, with its settings from `config.<model name>`."""
     name = config.model
+    conv_fn = conv_function(config.conv_impl)
     if name == "tutorial_cnn":
-        return TutorialCNN(num_outputs)
+        return TutorialCNN(num_outputs, conv_fn)
     if name == "cnn":
         c = config.cnn
         return CNN(num_outputs, tuple(c.filters), c.convs_per_block, c.batch_norm, c.dense_units,
-                   c.dropout, c.global_pool)
+                   c.dropout, c.global_pool, conv_fn)
     if name == "resnet":
         c = config.resnet
         if len(c.stage_sizes) != len(c.widths):
             raise UserError("resnet.stage_sizes and resnet.widths must have the same length")
-        return ResNet(num_outputs, tuple(c.stage_sizes), tuple(c.widths), c.stem_strides, c.dropout)
+        return ResNet(num_outputs, tuple(c.stage_sizes), tuple(c.widths), c.stem_strides, c.dropout, conv_fn)
     raise UserError(f"unknown model '{name}' (choose from {', '.join(MODEL_NAMES)})")
 
 

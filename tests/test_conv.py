@@ -1,0 +1,72 @@
+"""The matmul-gradient convolution equals XLA's convolution and its jax.grad, up to float rounding."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from imgclf_jax import conv
+
+CASES = [  # (input shape, kernel shape, strides, padding)
+    ((2, 9, 9, 3), (3, 3, 3, 5), (1, 1), "SAME"),
+    ((3, 8, 7, 4), (3, 3, 4, 6), (2, 2), "SAME"),
+    ((2, 10, 10, 6), (1, 1, 6, 4), (2, 2), "SAME"),
+    ((2, 7, 9, 2), (3, 3, 2, 3), (1, 2), "VALID"),
+    ((1, 6, 6, 2), (5, 5, 2, 2), (1, 1), ((2, 1), (0, 3))),
+]
+
+
+def _inputs(x_shape, k_shape):
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    return jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
+
+
+@pytest.mark.parametrize("x_shape, k_shape, strides, padding", CASES)
+def test_forward_and_gradients_match_lax(x_shape, k_shape, strides, padding):
+    x, kernel = _inputs(x_shape, k_shape)
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def reference(x, kernel):
+        return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=dn)
+
+    def ours(x, kernel):
+        return conv.conv_general_dilated(x, kernel, strides, padding,
+                                         dimension_numbers=lax.conv_dimension_numbers(x.shape, kernel.shape, dn))
+
+    np.testing.assert_allclose(ours(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
+    weights = jax.random.normal(jax.random.key(3), reference(x, kernel).shape)
+
+    def loss(f):
+        return lambda x, kernel: jnp.sum(jnp.tanh(f(x, kernel)) * weights)
+
+    want = jax.grad(loss(reference), argnums=(0, 1))(x, kernel)
+    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+
+
+def test_flax_conv_with_the_custom_op_matches_the_default():
+    x = jax.random.normal(jax.random.key(1), (4, 12, 12, 3))
+    default = nn.Conv(8, (3, 3), strides=2, padding="SAME")
+    custom = nn.Conv(8, (3, 3), strides=2, padding="SAME", conv_general_dilated=conv.conv_general_dilated)
+    params = default.init(jax.random.key(2), x)
+
+    def grads(module):
+        return jax.grad(lambda p: jnp.sum(module.apply(p, x) ** 2))(params)
+
+    for a, b in zip(jax.tree_util.tree_leaves(grads(default)), jax.tree_util.tree_leaves(grads(custom))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_cases_fall_back_to_lax():
+    x, kernel = _inputs((1, 8, 8, 4), (3, 3, 2, 4))  # Two feature groups.
+    dn = lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    got = conv.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2)
+    want = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert conv.explicit_padding("CIRCULAR", (8, 8), (3, 3), (1, 1)) is None
+    assert conv.explicit_padding("SAME", (8, 7), (3, 3), (2, 2)) == ((0, 1), (1, 1))
