@@ -28,14 +28,18 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pa
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
 
 
-def _patches(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int], padding: Padding,
-             out_hw: tuple[int, int]) -> jax.Array:
-    """(N, Ho, Wo, kh*kw*C) input patches, ordered (kh, kw, C) like the rows of an HWIO kernel."""
+def _patches_channel_major(image: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
+                           padding: Padding, out_hw: tuple[int, int]) -> jax.Array:
+    """(kh*kw*C, Ho*Wo) patch matrix of one (H, W, C) image, rows ordered (kh, kw, C) like an HWIO kernel.
+
+    Built from the image in channel-major layout, so each of the kh*kw slices copies whole contiguous rows
+    (building it pixel-major interleaves narrow columns and costs about twice as much).
+    """
     (kh, kw), (sh, sw), (ho, wo) = kernel_hw, strides, out_hw
-    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    columns = [xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
-               for i in range(kh) for j in range(kw)]
-    return jnp.concatenate(columns, axis=-1)
+    padded = jnp.pad(image.transpose(2, 0, 1), ((0, 0), padding[0], padding[1]))
+    slices = [padded[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw]
+              for i in range(kh) for j in range(kw)]
+    return jnp.concatenate(slices, axis=0).reshape(kh * kw * image.shape[-1], ho * wo)
 
 
 def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
@@ -46,8 +50,8 @@ def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], st
 
     def add_image(total, image_and_grad):
         image, grad = image_and_grad
-        patches = _patches(image[None], (kh, kw), strides, padding, out_hw).reshape(-1, kh * kw * cin)
-        update = lax.dot(patches.T, grad.reshape(-1, cout), preferred_element_type=jnp.float32)
+        patches = _patches_channel_major(image, (kh, kw), strides, padding, out_hw)
+        update = lax.dot(patches, grad.reshape(-1, cout), preferred_element_type=jnp.float32)
         return total + update, None
 
     total, _ = lax.scan(add_image, jnp.zeros((kh * kw * cin, cout), jnp.float32), (x, dy))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from imgclf_jax import conv
+from imgclf_jax import conv, pooling
 from imgclf_jax.errors import UserError
 
 MODEL_NAMES = ("tutorial_cnn", "cnn", "resnet")
@@ -39,7 +39,7 @@ class TutorialCNN(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         for filters in (16, 32, 64):
             x = nn.relu(_conv_layer(self.conv)(filters, (3, 3), padding="SAME")(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = pooling.max_pool(x, (2, 2))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(128)(x))
         return nn.Dense(self.num_outputs)(x)
@@ -65,7 +65,7 @@ class CNN(nn.Module):
                 if self.batch_norm:
                     x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
                 x = nn.relu(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = pooling.max_pool(x, (2, 2))
         x = jnp.mean(x, axis=(1, 2)) if self.global_pool else x.reshape((x.shape[0], -1))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         if self.dense_units:
