@@ -81,8 +81,6 @@ def jax_runner(config, conv_impl: str, num_classes: int, batches):
     state = train.create_train_state(model, config.image_size, train.create_optimizer(config, lr), 0)
     step = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing),
                    donate_argnums=0)
-    flops = step.lower(state, batches[0]).compile().cost_analysis()
-    flops = (flops[0] if isinstance(flops, list) else flops).get("flops", float("nan"))
     device_batches = [jax.device_put(b) for b in batches]
     holder = {"state": state}
 
@@ -93,7 +91,22 @@ def jax_runner(config, conv_impl: str, num_classes: int, batches):
         jax.block_until_ready(metrics)
         holder["state"] = s
 
-    return run, flops
+    return run
+
+
+def model_flops_per_step(config, num_classes: int, batch) -> float:
+    """FLOPs of one training step as XLA counts them for the plain (conv_impl='xla') formulation: the
+    model's arithmetic, the same for every implementation (a scan's body would be counted once)."""
+    config = config.copy_and_resolve_references()
+    config.conv_impl = "xla"
+    loss_kind = losses.resolve_loss(config.loss, num_classes)
+    model = models.create_model(config, losses.num_outputs(loss_kind, num_classes))
+    lr = train.create_learning_rate_fn(config, steps_per_epoch=100)
+    state = train.create_train_state(model, config.image_size, train.create_optimizer(config, lr), 0)
+    step = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing))
+    analysis = step.lower(state, batch).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return float(analysis.get("flops", float("nan")))
 
 
 def keras_runner(config, num_classes: int, batches):
@@ -132,10 +145,11 @@ def benchmark_steps(args) -> None:
     print(f"f32 matmul peak measured here: {peak:.0f} GFLOP/s")
     print(f"Model {config.model}, {config.image_size}px, batch {config.batch_size}, "
           f"{len(batches)} real batches from {args.data_dir if os.path.isdir(args.data_dir or '') else 'random data'}")
-    runners, flops = {}, {}
+    flops = model_flops_per_step(config, len(class_names), batches[0])
+    print(f"Model FLOPs per image (one training step, XLA's count): {flops / config.batch_size / 1e9:.3f} GFLOP")
+    runners = {}
     for impl in args.conv_impls.split(","):
-        run, f = jax_runner(config, impl, len(class_names), batches)
-        runners[f"imgclf_jax (conv_impl={impl})"], flops[f"imgclf_jax (conv_impl={impl})"] = run, f
+        runners[f"imgclf_jax (conv_impl={impl})"] = jax_runner(config, impl, len(class_names), batches)
     if not args.no_keras:
         runners["keras"] = keras_runner(config, len(class_names), batches)
     for run in runners.values():  # Warm-up: compilation, tracing, allocator.
@@ -150,8 +164,8 @@ def benchmark_steps(args) -> None:
     print("\nBest round:")
     for name, ips in best.items():
         line = f"  {name:<36} {ips:8.1f} images/s"
-        if name in flops and flops[name] == flops[name]:
-            achieved = flops[name] * ips / config.batch_size / 1e9
+        if flops == flops:
+            achieved = flops * ips / config.batch_size / 1e9
             line += f"  {achieved:6.1f} GFLOP/s ({achieved / peak:.0%} of the matmul peak)"
         if "keras" in best and name != "keras":
             line += f"  {ips / best['keras']:.2f}x Keras"
