@@ -197,6 +197,28 @@ def _write_skipped(workdir: str, skipped: list[tuple[str, str]]) -> None:
         log.warning("  ... and %d more", len(skipped) - 10)
 
 
+def train_epoch(
+    train_fn: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]], steps: int,
+    batch_size: int, description: str,
+) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Runs `train_fn` over one epoch's batches with a progress bar; returns the state and per-step metrics.
+
+    The bar (shown on terminals only) fetches metrics every 10 steps, so dispatch stays asynchronous.
+    """
+    step_metrics = []
+    start = time.perf_counter()
+    with tqdm.tqdm(total=steps, desc=description, unit="step", disable=None, leave=False, file=sys.stderr) as bar:
+        for i, batch in enumerate(batches):
+            state, metrics = train_fn(state, batch)
+            step_metrics.append(metrics)
+            bar.update(1)
+            if not bar.disable and (i % 10 == 9 or i == steps - 1):
+                last = jax.device_get(metrics)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}",
+                                img_s=f"{(i + 1) * batch_size / (time.perf_counter() - start):.0f}")
+    return state, jax.device_get(step_metrics)
+
+
 def _first_nonfinite(step_metrics: list[dict[str, Any]]) -> Optional[int]:
     for i, m in enumerate(step_metrics):
         if not math.isfinite(float(m["loss"])):
@@ -248,8 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         restored = checkpointer.restore(state)
     except Exception as e:
         raise UserError(
-            f"the checkpoints in {workdir} do not match this config ({str(e).splitlines()[0][:200]}); "
-            "use another --workdir"
+            f"the checkpoints in {workdir} cannot be restored with this config "
+            f"({str(e).splitlines()[0][:200]}); use another --workdir"
         ) from None
     start_epoch = 0
     if restored is not None:
@@ -272,22 +294,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             epoch_start = time.perf_counter()
-            step_metrics = []
             batches = input_pipeline.train_batches(
                 train_images, train_split.num_examples, config.batch_size, config.seed, epoch, augment_config
             )
-            with tqdm.tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step",
-                           disable=None, leave=False, file=sys.stderr) as bar:
-                for i, batch in enumerate(batches):
-                    state, metrics = train_fn(state, batch)
-                    step_metrics.append(metrics)
-                    bar.update(1)
-                    if not bar.disable and (i % 10 == 9 or i == steps_per_epoch - 1):
-                        last = jax.device_get(metrics)
-                        seconds = time.perf_counter() - epoch_start
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}",
-                                        img_s=f"{(i + 1) * config.batch_size / seconds:.0f}")
-            step_metrics = jax.device_get(step_metrics)
+            state, step_metrics = train_epoch(train_fn, state, batches, steps_per_epoch, config.batch_size,
+                                              f"epoch {epoch}/{config.epochs}")
             train_seconds = time.perf_counter() - epoch_start
             bad = _first_nonfinite(step_metrics)
             if bad is not None:
