@@ -136,9 +136,7 @@ def _check_file(path: str, max_pixels: int) -> str:
         return str(e)
 
 
-def check_files(
-    paths: Sequence[str], root: Path, max_pixels: int, show_progress: bool = True
-) -> dict[str, str]:
+def check_files(paths: Sequence[str], root: Path, max_pixels: int) -> dict[str, str]:
     """Decode-checks files in parallel; returns {path: reason} ('' = usable), cached per size and mtime."""
     cache_file = _cache_path(root)
     cache = _load_scan_cache(cache_file)
@@ -165,7 +163,7 @@ def check_files(
                 total=len(todo),
                 desc="Checking images",
                 unit="img",
-                disable=None if show_progress else True,
+                disable=None,  # Terminals only.
                 leave=False,
             ):
                 verdicts[path] = reason
