@@ -124,13 +124,16 @@ def apply_overrides(config: ml_collections.ConfigDict, **overrides: Any) -> None
         setattr(config, key, value)
 
 
+def require_positive_int(name: str, value: Any) -> None:
+    """Raises a UserError naming `name` unless `value` is a whole number > 0."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise UserError(f"{name} must be a positive whole number (got {value!r})")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Rejects values that cannot work, with the field named, before any data is read."""
-    positive_ints = ("epochs", "batch_size", "image_size", "checkpoints_to_keep", "max_image_pixels")
-    for field in positive_ints:
-        value = config[field]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{field} must be a positive whole number (got {value!r})")
+    for field in ("epochs", "batch_size", "image_size", "checkpoints_to_keep", "max_image_pixels"):
+        require_positive_int(field, config[field])
     if not math.isfinite(config.learning_rate) or config.learning_rate < 0:
         raise UserError(f"learning_rate must be a non-negative number (got {config.learning_rate!r})")
     if config.weight_decay < 0:
@@ -151,12 +154,17 @@ def to_json_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def save_config(config: ml_collections.ConfigDict, path: str) -> None:
+def write_json(path: str, value: Any, sort_keys: bool = False) -> None:
+    """Writes `value` as indented JSON atomically (a reader never sees a half-written file)."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(to_json_dict(config), f, indent=2, sort_keys=True)
+        json.dump(value, f, indent=2, sort_keys=sort_keys)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def save_config(config: ml_collections.ConfigDict, path: str) -> None:
+    write_json(path, to_json_dict(config), sort_keys=True)
 
 
 def load_saved_config(path: str) -> ml_collections.ConfigDict:

@@ -9,8 +9,6 @@ for two classes, top-5 accuracy for more than five) and W/confusion_matrix_<name
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import re
 from pathlib import Path
@@ -18,12 +16,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from imgclf_jax import cli, folders, inference, input_pipeline, plotting
+from imgclf_jax import cli, config_lib, folders, inference, input_pipeline, plotting
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import classification_report
-
-log = logging.getLogger(__name__)
-
 
 def _pick_split(available: list[str], split: Optional[str], where: str) -> str:
     if split:
@@ -73,7 +68,7 @@ def resolve_eval_data(
             f"{source.description} has classes {source.class_names}, but the model was trained on "
             f"{run.class_names}")
     name = _pick_split(sorted(source.splits), split, source.description)
-    prefix = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset.split(":", 1)[-1]) + "_" if dataset else ""
+    prefix = dataset.split(":", 1)[-1] + "_" if dataset else ""  # evaluate() makes the name file-safe.
     return source.splits[name], prefix + name, f"{source.description} ({name})", source.skipped
 
 
@@ -88,8 +83,7 @@ def evaluate(
     name: Optional[str] = None,
 ) -> dict[str, Any]:
     """Scores a checkpoint and writes `eval_<name>.json` and `confusion_matrix_<name>.png` into `workdir`."""
-    if batch_size <= 0:
-        raise UserError(f"batch_size must be a positive whole number (got {batch_size})")
+    config_lib.require_positive_int("batch_size", batch_size)
     run = inference.load_run(workdir, checkpoint)
     data, default_name, description, skipped = resolve_eval_data(run, data_dir, dataset, split)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or default_name)
@@ -107,9 +101,7 @@ def evaluate(
         "tta": tta, "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
     })
     json_path = os.path.join(workdir, f"eval_{name}.json")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+    config_lib.write_json(json_path, report)
     png_path = os.path.join(workdir, f"confusion_matrix_{name}.png")
     plotting.plot_confusion_matrix(report["confusion_matrix"], run.class_names, png_path,
                                    f"{name}: accuracy {report['accuracy']:.4f} (n={report['num_examples']})")

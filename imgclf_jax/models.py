@@ -120,13 +120,13 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_outputs)(x)
 
 
-def conv_function(conv_impl: str, backend: Optional[str] = None) -> ConvFn:
+def conv_function(conv_impl: str) -> ConvFn:
     """'xla': lax's convolution; 'matmul_grad': `conv.conv_general_dilated` (its weight gradient is
     matmuls); 'auto': matmul_grad on CPU, where it is several times faster, xla on GPU/TPU."""
     if conv_impl not in CONV_IMPLS:
         raise UserError(f"unknown conv_impl '{conv_impl}' (choose from {', '.join(CONV_IMPLS)})")
     if conv_impl == "auto":
-        conv_impl = "matmul_grad" if (backend or jax.default_backend()) == "cpu" else "xla"
+        conv_impl = "matmul_grad" if jax.default_backend() == "cpu" else "xla"
     return conv.conv_general_dilated if conv_impl == "matmul_grad" else None
 
 

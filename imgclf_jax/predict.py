@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from imgclf_jax import cli, folders, image_io, inference, input_pipeline
+from imgclf_jax import cli, config_lib, folders, image_io, inference, input_pipeline
 from imgclf_jax.errors import UserError
 
 
@@ -41,8 +41,9 @@ def collect_files(inputs: Sequence[str]) -> list[tuple[str, Optional[str]]]:
 
 
 def _load(path: str, image_size: int, resize: str, max_pixels: int) -> np.ndarray:
+    """The model's input for one file, exactly as evaluation prepares it (resize, then scale)."""
     image = image_io.load_image(path, min_size=image_size, max_pixels=max_pixels)
-    return input_pipeline.resize_image(image, image_size, resize).numpy()
+    return input_pipeline.to_float(input_pipeline.resize_image(image, image_size, resize)).numpy()
 
 
 def predict_files(
@@ -70,7 +71,7 @@ def predict_files(
             images = np.zeros((batch_size, size, size, 3), np.float32)  # Fixed shape: one compilation.
             for i, (image, _) in enumerate(loaded):
                 if image is not None:
-                    images[i] = image.astype(np.float32) / 255.0
+                    images[i] = image
             probabilities = np.asarray(predict(images)) if any(im is not None for im, _ in loaded) else None
             for i, ((path, _), (image, error)) in enumerate(zip(chunk, loaded)):
                 yield path, (probabilities[i] if image is not None else None), error
@@ -106,13 +107,11 @@ def main(argv) -> None:
     inputs = argv[1:]
     if not inputs:
         raise UserError("name at least one image or folder to predict")
-    if FLAGS.batch_size <= 0:
-        raise UserError(f"batch_size must be a positive whole number (got {FLAGS.batch_size})")
+    config_lib.require_positive_int("batch_size", FLAGS.batch_size)
     run = inference.load_run(FLAGS.workdir, FLAGS.checkpoint)
     n_classes = len(run.class_names)
     top_k = FLAGS.top_k if FLAGS.top_k is not None else (1 if n_classes == 2 else min(3, n_classes))
-    if top_k <= 0:
-        raise UserError(f"top_k must be a positive whole number (got {top_k})")
+    config_lib.require_positive_int("top_k", top_k)
     files = collect_files(inputs)
     if not files:
         raise UserError(f"no images found in {' '.join(inputs)}")

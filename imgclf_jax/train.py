@@ -174,14 +174,6 @@ def _check_workdir_classes(workdir: str, class_names: list[str]) -> None:
             )
 
 
-def _write_json(path: str, value: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _write_skipped(workdir: str, skipped: list[tuple[str, str]]) -> None:
     path = os.path.join(workdir, SKIPPED_FILE)
     if not skipped:
@@ -245,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_classes(workdir, class_names)
-    _write_json(os.path.join(workdir, CLASSES_FILE), class_names)
+    config_lib.write_json(os.path.join(workdir, CLASSES_FILE), class_names)
     config_lib.save_config(config, os.path.join(workdir, CONFIG_FILE))
     _write_skipped(workdir, source.skipped)
     log.info(
