@@ -52,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Convolution implementation: 'auto' (matmul weight gradients on CPU, XLA's own elsewhere), 'xla',
     # 'matmul_grad'. Results agree up to float rounding; only speed differs (docs/performance.md).
     c.conv_impl = "auto"
+    # Compute dtype: 'float32', or 'bfloat16' on GPUs/TPUs (parameters and optimizer state stay float32).
+    c.dtype = "float32"
     c.cnn = ml_collections.ConfigDict(dict(
         filters=(32, 64, 128), convs_per_block=1, batch_norm=False, dense_units=128, dropout=0.0,
         global_pool=False,

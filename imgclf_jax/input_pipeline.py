@@ -292,11 +292,21 @@ def train_batches(
     seed: int,
     epoch: int,
     augment_config: Optional[ml_collections.ConfigDict],
+    rows: Optional[tuple[int, int]] = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One epoch of shuffled, augmented full batches; the same (seed, epoch) gives the same batches."""
+    """One epoch of shuffled, augmented full batches; the same (seed, epoch) gives the same batches.
+
+    `rows` = (start, stop) keeps only those rows of each global batch (a process's share in a multi-process
+    run); the order and each image's augmentation depend on its global position only, so every layout of
+    processes trains on the same global batches.
+    """
     this_epoch = epoch_seed(seed, epoch)
+    start, stop = rows if rows is not None else (0, batch_size)
     ds = prepared.shuffle(min(num_examples, _MAX_SHUFFLE_BUFFER), seed=this_epoch)
     ds = ds.enumerate()
+    if (start, stop) != (0, batch_size):
+        ds = ds.take(num_examples // batch_size * batch_size).filter(
+            lambda index, example: (index % batch_size >= start) & (index % batch_size < stop))
 
     def process(index, example):
         image, label = example
@@ -306,12 +316,17 @@ def train_batches(
         return {"image": image, "label": label}
 
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(stop - start, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.as_numpy_iterator()
 
 
-def eval_batches(prepared: tf.data.Dataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Every example exactly once, in order; the last batch is padded to full size with mask 0."""
+def eval_batches(prepared: tf.data.Dataset, batch_size: int,
+                 rows: Optional[tuple[int, int]] = None) -> Iterator[dict[str, np.ndarray]]:
+    """Every example exactly once, in order; the last batch is padded to full size with mask 0.
+
+    `rows` = (start, stop) yields only those rows of each (padded) batch, as `train_batches`.
+    """
+    start, stop = rows if rows is not None else (0, batch_size)
     ds = prepared.map(
         lambda image, label: {"image": to_float(image), "label": label},
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
@@ -324,4 +339,4 @@ def eval_batches(prepared: tf.data.Dataset, batch_size: int) -> Iterator[dict[st
             batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
                      for k, v in batch.items()}
         batch["mask"] = mask
-        yield batch
+        yield {k: v[start:stop] for k, v in batch.items()}

@@ -20,13 +20,18 @@ from imgclf_jax.errors import UserError
 
 MODEL_NAMES = ("tutorial_cnn", "cnn", "resnet")
 CONV_IMPLS = ("auto", "xla", "matmul_grad")
+DTYPES = ("float32", "bfloat16")
 
 # Every model takes `conv`: the convolution function its nn.Conv layers use (None = lax's).
 ConvFn = Optional[Callable[..., jax.Array]]
 
 
-def _conv_layer(conv_fn: ConvFn):
-    return functools.partial(nn.Conv, conv_general_dilated=conv_fn)
+def _conv_layer(conv_fn: ConvFn, dtype: Any):
+    return functools.partial(nn.Conv, conv_general_dilated=conv_fn, dtype=dtype)
+
+
+def _batch_norm(train: bool, dtype: Any, **kwargs: Any) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype, **kwargs)
 
 
 class TutorialCNN(nn.Module):
@@ -34,15 +39,17 @@ class TutorialCNN(nn.Module):
 
     num_outputs: int
     conv: ConvFn = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = x.astype(self.dtype)
         for filters in (16, 32, 64):
-            x = nn.relu(_conv_layer(self.conv)(filters, (3, 3), padding="SAME")(x))
+            x = nn.relu(_conv_layer(self.conv, self.dtype)(filters, (3, 3), padding="SAME")(x))
             x = pooling.max_pool(x, (2, 2))
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(128)(x))
-        return nn.Dense(self.num_outputs)(x)
+        x = nn.relu(nn.Dense(128, dtype=self.dtype)(x))
+        return nn.Dense(self.num_outputs, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class CNN(nn.Module):
@@ -56,22 +63,25 @@ class CNN(nn.Module):
     dropout: float = 0.0
     global_pool: bool = False
     conv: ConvFn = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = x.astype(self.dtype)
         for filters in self.filters:
             for _ in range(self.convs_per_block):
-                x = _conv_layer(self.conv)(filters, (3, 3), padding="SAME", use_bias=not self.batch_norm)(x)
+                x = _conv_layer(self.conv, self.dtype)(filters, (3, 3), padding="SAME",
+                                                       use_bias=not self.batch_norm)(x)
                 if self.batch_norm:
-                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+                    x = _batch_norm(train, self.dtype)(x)
                 x = nn.relu(x)
             x = pooling.max_pool(x, (2, 2))
         x = jnp.mean(x, axis=(1, 2)) if self.global_pool else x.reshape((x.shape[0], -1))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         if self.dense_units:
-            x = nn.relu(nn.Dense(self.dense_units)(x))
+            x = nn.relu(nn.Dense(self.dense_units, dtype=self.dtype)(x))
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_outputs)(x)
+        return nn.Dense(self.num_outputs, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class ResidualBlock(nn.Module):
@@ -80,11 +90,12 @@ class ResidualBlock(nn.Module):
     filters: int
     strides: int = 1
     conv: ConvFn = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, **kw)
-        conv_layer = _conv_layer(self.conv)
+        norm = functools.partial(_batch_norm, train, self.dtype)
+        conv_layer = _conv_layer(self.conv, self.dtype)
         residual = x
         y = conv_layer(self.filters, (3, 3), (self.strides, self.strides), padding="SAME", use_bias=False)(x)
         y = nn.relu(norm()(y))
@@ -105,17 +116,18 @@ class ResNet(nn.Module):
     stem_strides: int = 2
     dropout: float = 0.0
     conv: ConvFn = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = _conv_layer(self.conv)(self.widths[0], (3, 3), (self.stem_strides, self.stem_strides),
-                                   padding="SAME", use_bias=False)(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        x = _conv_layer(self.conv, self.dtype)(self.widths[0], (3, 3), (self.stem_strides, self.stem_strides),
+                                               padding="SAME", use_bias=False)(x.astype(self.dtype))
+        x = nn.relu(_batch_norm(train, self.dtype)(x))
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for block in range(blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = ResidualBlock(width, strides, self.conv)(x, train)
-        x = jnp.mean(x, axis=(1, 2))
+                x = ResidualBlock(width, strides, self.conv, self.dtype)(x, train)
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_outputs)(x)
 
@@ -125,26 +137,34 @@ def conv_function(conv_impl: str) -> ConvFn:
     matmuls); 'auto': matmul_grad on CPU, where it is several times faster, xla on GPU/TPU."""
     if conv_impl not in CONV_IMPLS:
         raise UserError(f"unknown conv_impl '{conv_impl}' (choose from {', '.join(CONV_IMPLS)})")
-    if conv_impl == "auto":
-        conv_impl = "matmul_grad" if jax.default_backend() == "cpu" else "xla"
+    if conv_impl == "auto":  # Several CPU devices are a test set-up; the scan over images would not split.
+        conv_impl = "matmul_grad" if jax.default_backend() == "cpu" and jax.device_count() == 1 else "xla"
     return conv.conv_general_dilated if conv_impl == "matmul_grad" else None
+
+
+def compute_dtype(name: str) -> Any:
+    """The activations' dtype; parameters and optimizer state stay float32 either way."""
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype '{name}' (choose from {', '.join(DTYPES)})")
+    return jnp.dtype(name)
 
 
 def create_model(config: ml_collections.ConfigDict, num_outputs: int) -> nn.Module:
     """Builds the model named by `config.model`, with its settings from `config.<model name>`."""
     name = config.model
     conv_fn = conv_function(config.conv_impl)
+    dtype = compute_dtype(config.dtype)
     if name == "tutorial_cnn":
-        return TutorialCNN(num_outputs, conv_fn)
+        return TutorialCNN(num_outputs, conv_fn, dtype)
     if name == "cnn":
         c = config.cnn
         return CNN(num_outputs, tuple(c.filters), c.convs_per_block, c.batch_norm, c.dense_units,
-                   c.dropout, c.global_pool, conv_fn)
+                   c.dropout, c.global_pool, conv_fn, dtype)
     if name == "resnet":
         c = config.resnet
         if len(c.stage_sizes) != len(c.widths):
             raise UserError("resnet.stage_sizes and resnet.widths must have the same length")
-        return ResNet(num_outputs, tuple(c.stage_sizes), tuple(c.widths), c.stem_strides, c.dropout, conv_fn)
+        return ResNet(num_outputs, tuple(c.stage_sizes), tuple(c.widths), c.stem_strides, c.dropout, conv_fn, dtype)
     raise UserError(f"unknown model '{name}' (choose from {', '.join(MODEL_NAMES)})")
 
 

@@ -26,7 +26,7 @@ import optax
 import tqdm
 from flax.training import train_state
 
-from imgclf_jax import checkpointing, cli, config_lib, input_pipeline, losses, models, plotting
+from imgclf_jax import checkpointing, cli, config_lib, input_pipeline, losses, models, parallel, plotting
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import MetricsLog, read_metrics
 
@@ -87,18 +87,22 @@ def create_train_state(
     image_size: int,
     optimizer: optax.GradientTransformation,
     seed: int,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> TrainState:
+    """A fresh state from `seed`; with a `mesh`, replicated on every device of it."""
     params_key, dropout_key = jax.random.split(jax.random.key(seed))
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        params_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    )
-    return TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        tx=optimizer,
-        batch_stats=variables.get("batch_stats", {}),
-        dropout_key=jax.random.key_data(dropout_key),
-    )
+
+    def create():
+        variables = model.init(params_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+        return TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            tx=optimizer,
+            batch_stats=variables.get("batch_stats", {}),
+            dropout_key=jax.random.key_data(dropout_key),
+        )
+
+    return jax.jit(create, out_shardings=parallel.replicated(mesh) if mesh is not None else None)()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,9 +152,10 @@ def evaluate_batches(
     eval_fn: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]]
 ) -> dict[str, float]:
     """Mean loss and accuracy over every real example of `batches`."""
-    sums = [eval_fn(state, batch) for batch in batches]
-    totals = jax.device_get({k: sum(s[k] for s in sums) for k in ("loss_sum", "correct", "count")})
-    count = float(totals["count"])
+    keys = ("loss_sum", "correct", "count")
+    sums = jax.device_get([{k: s[k] for k in keys} for s in (eval_fn(state, batch) for batch in batches)])
+    totals = {k: sum(float(s[k]) for s in sums) for k in keys}
+    count = totals["count"]
     return {
         "loss": float(totals["loss_sum"]) / max(count, 1.0),
         "accuracy": float(totals["correct"]) / max(count, 1.0),
@@ -199,7 +204,9 @@ def train_epoch(
     """
     step_metrics = []
     start = time.perf_counter()
-    with tqdm.tqdm(total=steps, desc=description, unit="step", disable=None, leave=False, file=sys.stderr) as bar:
+    show_bar = None if parallel.is_main_process() else True  # None: on terminals only.
+    with tqdm.tqdm(total=steps, desc=description, unit="step", disable=show_bar, leave=False,
+                   file=sys.stderr) as bar:
         for i, batch in enumerate(batches):
             state, metrics = train_fn(state, batch)
             step_metrics.append(metrics)
@@ -221,6 +228,9 @@ def _first_nonfinite(step_metrics: list[dict[str, Any]]) -> Optional[int]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Trains (resuming from the latest checkpoint in `workdir` if any) and returns the metrics records."""
     config_lib.validate(config)
+    mesh = parallel.create_mesh()
+    parallel.check_batch_size("batch_size", config.batch_size, mesh.devices.size)
+    is_main = parallel.is_main_process()
     source = input_pipeline.load_source(config)
     if config.strict and source.skipped:
         listed = "; ".join(f"{p}: {reason}" for p, reason in source.skipped[:5])
@@ -237,9 +247,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_classes(workdir, class_names)
-    config_lib.write_json(os.path.join(workdir, CLASSES_FILE), class_names)
-    config_lib.save_config(config, os.path.join(workdir, CONFIG_FILE))
-    _write_skipped(workdir, source.skipped)
+    if is_main:
+        config_lib.write_json(os.path.join(workdir, CLASSES_FILE), class_names)
+        config_lib.save_config(config, os.path.join(workdir, CONFIG_FILE))
+        _write_skipped(workdir, source.skipped)
     log.info(
         "Data: %s; %d classes (%s); %d training and %d validation images (validation: %s).",
         source.description, len(class_names), ", ".join(class_names[:10]) + (" ..." if len(class_names) > 10 else ""),
@@ -249,15 +260,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     steps_per_epoch = train_split.num_examples // config.batch_size
     learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
     model = models.create_model(config, losses.num_outputs(loss_kind, len(class_names)))
-    state = create_train_state(model, config.image_size, create_optimizer(config, learning_rate_fn), config.seed)
+    state = create_train_state(model, config.image_size, create_optimizer(config, learning_rate_fn), config.seed,
+                               mesh)
     log.info(
-        "Model: %s, %s parameters, %s cross-entropy; %d steps of %d images per epoch on %s.",
-        config.model, f"{models.count_params(state.params):,}", loss_kind, steps_per_epoch,
-        config.batch_size, jax.devices()[0].platform.upper(),
+        "Model: %s, %s parameters, %s cross-entropy, %s compute; %d steps of %d images per epoch on %s.",
+        config.model, f"{models.count_params(state.params):,}", loss_kind, config.dtype, steps_per_epoch,
+        config.batch_size, parallel.describe(),
     )
 
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoints_to_keep)
-    metrics_log = MetricsLog(workdir)
+    metrics_log = MetricsLog(workdir) if is_main else None
     try:
         restored = checkpointer.restore(state)
     except Exception as e:
@@ -270,15 +282,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         state, meta, step = restored
         start_epoch = int(meta["epoch"])
         log.info("Resuming from the checkpoint of epoch %d (step %d) in %s.", start_epoch, step, workdir)
-    metrics_log.keep_up_to(start_epoch)
+    if is_main:
+        metrics_log.keep_up_to(start_epoch)
     if start_epoch >= config.epochs:
         log.info("Already trained for %d of %d epochs; nothing to do.", start_epoch, config.epochs)
 
+    state_sharding, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     train_fn = jax.jit(
         functools.partial(train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing),
+        in_shardings=(state_sharding, data_sharding),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
         donate_argnums=0,
     )
-    eval_fn = jax.jit(functools.partial(eval_step, loss_kind=loss_kind))
+    jitted_eval = jax.jit(functools.partial(eval_step, loss_kind=loss_kind),
+                          in_shardings=(state_sharding, data_sharding))
+    train_step_fn = lambda state, batch: train_fn(state, parallel.global_batch(mesh, batch))
+    eval_fn = lambda state, batch: jitted_eval(state, parallel.global_batch(mesh, batch))
+    rows = parallel.process_rows(mesh, config.batch_size)
     train_images = input_pipeline.prepare(train_split, config.image_size, config.resize, config.cache)
     val_images = input_pipeline.prepare(val_split, config.image_size, config.resize, config.cache)
     augment_config = config.augment if config.augment.enabled else None
@@ -287,9 +307,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         for epoch in range(start_epoch + 1, config.epochs + 1):
             epoch_start = time.perf_counter()
             batches = input_pipeline.train_batches(
-                train_images, train_split.num_examples, config.batch_size, config.seed, epoch, augment_config
+                train_images, train_split.num_examples, config.batch_size, config.seed, epoch, augment_config,
+                rows,
             )
-            state, step_metrics = train_epoch(train_fn, state, batches, steps_per_epoch, config.batch_size,
+            state, step_metrics = train_epoch(train_step_fn, state, batches, steps_per_epoch, config.batch_size,
                                               f"epoch {epoch}/{config.epochs}")
             train_seconds = time.perf_counter() - epoch_start
             bad = _first_nonfinite(step_metrics)
@@ -299,7 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                     f"{int(state.step) - len(step_metrics) + bad + 1}; stopped without saving this epoch "
                     f"(the last good checkpoint stays the latest). Try a lower --learning_rate"
                 )
-            val = evaluate_batches(eval_fn, state, input_pipeline.eval_batches(val_images, config.batch_size))
+            val = evaluate_batches(eval_fn, state,
+                                   input_pipeline.eval_batches(val_images, config.batch_size, rows))
             record = {
                 "epoch": epoch,
                 "step": int(state.step),
@@ -311,7 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                 "epoch_time_s": time.perf_counter() - epoch_start,
                 "train_images_per_s": len(step_metrics) * config.batch_size / train_seconds,
             }
-            metrics_log.append(record)
+            if is_main:
+                metrics_log.append(record)
             checkpointer.save(int(state.step), state, {"epoch": epoch}, record)
             log.info(
                 "epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s | %.1f s",
@@ -322,6 +345,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         checkpointer.wait_until_finished()
         checkpointer.close()
 
+    if not is_main:
+        return []
     records = read_metrics(workdir)
     if records:
         plotting.plot_training_curves({config.name: records}, os.path.join(workdir, CURVES_FILE))
@@ -353,6 +378,11 @@ def _define_flags() -> None:
     flags.DEFINE_integer("image_size", None, "Images are resized to IMAGE_SIZE x IMAGE_SIZE.")
     flags.DEFINE_integer("seed", None, "Random seed (initialisation, data order, augmentation).")
     flags.DEFINE_bool("strict", None, "Stop with an error if any file is unusable, instead of skipping it.")
+    flags.DEFINE_string("coordinator_address", None, "Multi-process runs: HOST:PORT of process 0's coordinator.")
+    flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes take part.")
+    flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0..num_processes-1.")
+    flags.DEFINE_bool("distributed", False, "Multi-process runs: detect the three values above from the "
+                      "cluster (SLURM, Open MPI, Kubernetes, TPU pods), as jax.distributed does.")
 
 
 def main(argv) -> None:
@@ -361,6 +391,9 @@ def main(argv) -> None:
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed)
+    if not parallel.is_main_process():
+        logging.getLogger().setLevel(logging.WARNING)  # Process 0 speaks for the run.
     config = FLAGS.config
     config_lib.apply_overrides(
         config, data_dir=FLAGS.data_dir, dataset=FLAGS.dataset, epochs=FLAGS.epochs,

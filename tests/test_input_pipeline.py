@@ -148,3 +148,24 @@ def test_tfds_offline_is_one_clear_error(tmp_path, monkeypatch):
         input_pipeline.load_tfds_source("tf_flowers", 0.2, data_dir=str(tmp_path))
     with pytest.raises(UserError, match="unknown TFDS dataset 'no_such_set_xyz'"):
         input_pipeline.load_tfds_source("no_such_set_xyz", 0.2, data_dir=str(tmp_path))
+
+
+def test_process_rows_of_train_and_eval_batches_make_up_the_global_batches(two_class_dir):
+    # Two processes each feeding half of every global batch train on exactly the single-process batches.
+    _, split, prepared = _prepared(two_class_dir)
+    augment = config_lib.base_config().augment
+    augment.update(flip=True, crop_area_min=0.5, brightness=0.1)
+    whole = list(input_pipeline.train_batches(prepared, split.num_examples, 8, 0, 3, augment))
+    halves = [list(input_pipeline.train_batches(prepared, split.num_examples, 8, 0, 3, augment, rows))
+              for rows in ((0, 4), (4, 8))]
+    assert len(halves[0]) == len(halves[1]) == len(whole)
+    for full, first, second in zip(whole, *halves):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), full[key])
+
+    _, val_split, val_prepared = _prepared(two_class_dir, split="validation")
+    whole = list(input_pipeline.eval_batches(val_prepared, 6))
+    halves = [list(input_pipeline.eval_batches(val_prepared, 6, rows)) for rows in ((0, 3), (3, 6))]
+    for full, first, second in zip(whole, *halves):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), full[key])

@@ -61,3 +61,30 @@ def test_unknown_model_is_a_user_error():
     config.model = "vgg99"
     with pytest.raises(UserError, match="unknown model 'vgg99'"):
         models.create_model(config, 2)
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_bfloat16_computes_in_bfloat16_with_float32_parameters(name):
+    config = config_lib.base_config()
+    config.model, config.dtype = name, "bfloat16"
+    model = models.create_model(config, 3)
+    variables = _init(model, 32)
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables["params"]))
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+    logits = model.apply(variables, x, train=False)
+    assert logits.dtype == jnp.float32
+    bf16_ops = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables)).count("bf16[")
+    assert bf16_ops > 0
+    config.dtype = "float32"
+    reference = models.create_model(config, 3).apply(variables, x, train=False)
+    # The same function up to bfloat16 rounding (8 bits of mantissa), not identical.
+    assert jnp.allclose(logits, reference, atol=0.1, rtol=0.1) and not jnp.array_equal(logits, reference)
+
+
+def test_unknown_dtype_is_a_user_error():
+    from imgclf_jax.errors import UserError
+
+    config = config_lib.base_config()
+    config.dtype = "float16"
+    with pytest.raises(UserError, match="unknown dtype 'float16'"):
+        models.create_model(config, 2)
