@@ -4,8 +4,10 @@ Two layouts are accepted:
   DIR/train/<class>/... with DIR/validation/ (or val/) and an optional DIR/test/, or
   DIR/<class>/... directly.
 Class names are the sorted sub-folder names of the training folder. Files are found recursively under
-each class folder and recognised by content. Every candidate image is decode-checked once (in parallel);
-the verdicts are cached per file size and modification time, so a second run does not decode again.
+each class folder and recognised by content. Every candidate image is decode-checked once (in parallel),
+which also yields its fingerprints (`fingerprints.py`); verdicts and fingerprints are cached per file size
+and modification time, so a second run does not decode again. Files found in more than one split (the
+same file, or the same photo re-encoded) are reported: they inflate validation accuracy.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tqdm
 
-from imgclf_jax import image_io
+from imgclf_jax import fingerprints, image_io
 from imgclf_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -32,13 +34,24 @@ SPLIT_FOLDER_NAMES = {
     "validation": ("validation", "val", "valid"),
     "test": ("test", "testing"),
 }
-_SCAN_CACHE_VERSION = 1
+_SCAN_CACHE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
     path: str
     label: int
+    digest: str = dataclasses.field(default="", compare=False)  # fingerprints.content_digest
+    phash: str = dataclasses.field(default="", compare=False)  # fingerprints.perceptual_hash
+
+
+@dataclasses.dataclass(frozen=True)
+class FileCheck:
+    """The scan's verdict on one file: `reason` is '' if usable; fingerprints only then."""
+
+    reason: str
+    digest: str = ""
+    phash: str = ""
 
 
 @dataclasses.dataclass
@@ -126,18 +139,22 @@ def _save_scan_cache(path: Optional[Path], entries: dict) -> None:
         log.debug("Could not write the scan cache %s: %s", path, e)
 
 
-def _check_file(path: str, max_pixels: int) -> str:
-    """Returns '' if the file decodes, else the reason it cannot be used."""
+def _check_file(path: str, max_pixels: int) -> FileCheck:
+    """Decodes the file (small: a reduced DCT scale still reads the whole JPEG stream, so truncation is
+    caught cheaply) and fingerprints it, or says why it cannot be used."""
     try:
-        # The smallest DCT scale still reads the whole JPEG stream, so truncation is caught cheaply.
-        image_io.load_image(path, min_size=1, max_pixels=max_pixels)
-        return ""
+        image = image_io.load_image(path, min_size=64, max_pixels=max_pixels)  # Enough for the pHash.
+        with open(path, "rb") as f:
+            digest = fingerprints.content_digest(f.read())
     except image_io.UnusableImageError as e:
-        return str(e)
+        return FileCheck(str(e))
+    except OSError as e:
+        return FileCheck(f"cannot read file ({e.strerror or e})")
+    return FileCheck("", digest, fingerprints.perceptual_hash(image))
 
 
-def check_files(paths: Sequence[str], root: Path, max_pixels: int) -> dict[str, str]:
-    """Decode-checks files in parallel; returns {path: reason} ('' = usable), cached per size and mtime."""
+def check_files(paths: Sequence[str], root: Path, max_pixels: int) -> dict[str, FileCheck]:
+    """Decode-checks and fingerprints files in parallel; cached per size, mtime and pixel limit."""
     cache_file = _cache_path(root)
     cache = _load_scan_cache(cache_file)
     verdicts, todo, keys = {}, [], {}
@@ -145,20 +162,20 @@ def check_files(paths: Sequence[str], root: Path, max_pixels: int) -> dict[str, 
         try:
             st = os.stat(path)
         except OSError as e:
-            verdicts[path] = f"cannot read file ({e.strerror or e})"
+            verdicts[path] = FileCheck(f"cannot read file ({e.strerror or e})")
             continue
         key = [st.st_size, st.st_mtime_ns, max_pixels]
         keys[path] = key
         entry = cache.get(path)
         if entry is not None and entry[:3] == key:
-            verdicts[path] = entry[3]
+            verdicts[path] = FileCheck(*entry[3:])
         else:
             todo.append(path)
     if todo:
         workers = min(32, (os.cpu_count() or 1) * 2)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             results = pool.map(lambda p: _check_file(p, max_pixels), todo)
-            for path, reason in tqdm.tqdm(
+            for path, check in tqdm.tqdm(
                 zip(todo, results),
                 total=len(todo),
                 desc="Checking images",
@@ -166,8 +183,8 @@ def check_files(paths: Sequence[str], root: Path, max_pixels: int) -> dict[str, 
                 disable=None,  # Terminals only.
                 leave=False,
             ):
-                verdicts[path] = reason
-                cache[path] = keys[path] + [reason]
+                verdicts[path] = check
+                cache[path] = keys[path] + [check.reason, check.digest, check.phash]
         _save_scan_cache(cache_file, cache)
     return verdicts
 
@@ -220,15 +237,15 @@ def _examples_for(
     verdicts = check_files([p for c in per_class.values() for p in c], class_root, max_pixels)
     examples = []
     for label, candidates in per_class.items():
-        usable = [p for p in candidates if not verdicts[p]]
-        unusable = non_images[label] + [(p, verdicts[p]) for p in candidates if verdicts[p]]
+        usable = [p for p in candidates if not verdicts[p].reason]
+        unusable = non_images[label] + [(p, verdicts[p].reason) for p in candidates if verdicts[p].reason]
         skipped.extend(unusable)
         if not usable and split_name == "train":
             raise UserError(
                 f"class folder {present[class_names[label]]} has no usable images"
                 + (f" ({len(unusable)} image file(s) could not be used)" if unusable else "")
             )
-        examples.extend(Example(p, label) for p in usable)
+        examples.extend(Example(p, label, verdicts[p].digest, verdicts[p].phash) for p in usable)
     return examples
 
 
@@ -311,3 +328,28 @@ def load_folder_dataset(
             split_folders["test"], class_names, "test", max_pixels, skipped, False
         )
     return FolderDataset(str(root), class_names, result, skipped, note)
+
+
+def file_fingerprints(dataset: FolderDataset) -> list[fingerprints.FileFingerprint]:
+    """Every usable file of every split (train first), with its split, class name and fingerprints."""
+    order = sorted(dataset.splits, key=lambda s: list(SPLIT_FOLDER_NAMES).index(s))
+    return [
+        fingerprints.FileFingerprint(e.path, split, dataset.class_names[e.label], e.digest, e.phash)
+        for split in order for e in dataset.splits[split]
+    ]
+
+
+def warn_about_leaks(dataset: FolderDataset, threshold: int = fingerprints.DEFAULT_NEAR_THRESHOLD) -> None:
+    """Logs the photos that are in more than one split (exact or near copies), which inflate validation
+    accuracy; `python -m imgclf_jax.doctor` lists every duplicate."""
+    if len(dataset.splits) < 2:
+        return
+    leaks = [p for p in fingerprints.find_duplicates(file_fingerprints(dataset), threshold) if p.cross_split]
+    if not leaks:
+        return
+    log.warning("%d photo(s) appear in more than one split (same file or near copy); validation accuracy "
+                "will look better than it is. Run `python -m imgclf_jax.doctor %s` for the full list.",
+                len(leaks), dataset.root)
+    for pair in leaks[:5]:
+        log.warning("  %s copy: %s (%s) ~ %s (%s)", pair.kind, pair.first.path, pair.first.split,
+                    pair.second.path, pair.second.split)

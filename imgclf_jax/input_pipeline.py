@@ -82,6 +82,7 @@ def load_folder_source(
     splits: Sequence[str] = ("train", "validation"),
 ) -> DataSource:
     found = folders.load_folder_dataset(data_dir, validation_split, seed, max_pixels, splits)
+    folders.warn_about_leaks(found)
     return DataSource(
         description=f"folder {found.root}",
         class_names=found.class_names,

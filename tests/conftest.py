@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -34,6 +35,22 @@ def class_image(label: int, size: tuple[int, int] = (24, 20), seed: int = 0) -> 
     image[..., label % 3] += 30 * (label // 2)
     image += rng.normal(0, 12, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def smooth_random_image(seed: int, size: int = 96) -> np.ndarray:
+    """A photo-like image: random low-frequency colour fields (distinct seeds look unrelated)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (5, 5, 3), np.uint8))
+    return np.asarray(small.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def near_copy(pixels: np.ndarray) -> np.ndarray:
+    """The same picture re-encoded as a smaller, slightly brighter JPEG."""
+    image = Image.fromarray(np.clip(pixels.astype(int) + 6, 0, 255).astype(np.uint8))
+    image = image.resize((pixels.shape[1] * 3 // 4, pixels.shape[0] * 3 // 4), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=70)
+    return np.asarray(Image.open(buffer).convert("RGB"))
 
 
 def write_image(path: Path, pixels: np.ndarray, fmt: str | None = None, mode: str | None = None) -> Path:

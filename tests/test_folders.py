@@ -85,7 +85,7 @@ def test_scan_verdicts_are_cached(tmp_path, monkeypatch):
     root = make_class_folder(tmp_path / "d", {"x": 3, "y": 3})
     folders.load_folder_dataset(str(root), validation_split=0.34)
     checked = []
-    monkeypatch.setattr(folders, "_check_file", lambda p, m: checked.append(p) or "")
+    monkeypatch.setattr(folders, "_check_file", lambda p, m: checked.append(p) or folders.FileCheck(""))
     folders.load_folder_dataset(str(root), validation_split=0.34)
     assert checked == []
     write_image(root / "x" / "img_0.jpg", class_image(0, seed=99))  # Changed file: checked again.
