@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.checkpoints_to_keep = 2  # Latest checkpoints kept, besides the best by validation accuracy.
+    c.report = True  # Write report.html (imgclf_jax.report) at the end of training.
     return c
 
 
@@ -166,7 +167,12 @@ def write_json(path: str, value: Any, sort_keys: bool = False) -> None:
 
 
 def save_config(config: ml_collections.ConfigDict, path: str) -> None:
-    write_json(path, to_json_dict(config), sort_keys=True)
+    """Saves the resolved config; folders are made absolute so evaluate/report work from any directory."""
+    data = to_json_dict(config)
+    for key in ("data_dir", "tfds_data_dir"):
+        if data.get(key):
+            data[key] = os.path.abspath(os.path.expanduser(data[key]))
+    write_json(path, data, sort_keys=True)
 
 
 def load_saved_config(path: str) -> ml_collections.ConfigDict:

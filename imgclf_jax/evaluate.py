@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -72,6 +72,27 @@ def resolve_eval_data(
     return source.splits[name], prefix + name, f"{source.description} ({name})", source.skipped
 
 
+def predict_split(
+    run: inference.TrainedRun, data: input_pipeline.Split, batch_size: int, tta: str = "none",
+    on_batch: Optional[Callable[[np.ndarray, np.ndarray, np.ndarray], None]] = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (N, classes), labels (N,)) for every image of `data`, in order.
+
+    `on_batch(images, probabilities, labels)` sees each batch's real examples as they go by (the images
+    as the model saw them, float [0, 1]), for callers that want more than the numbers.
+    """
+    predict = inference.make_predict_fn(run, tta)
+    prepared = input_pipeline.prepare(data, run.config.image_size, run.config.resize, cache=False)
+    probabilities, labels = [], []
+    for batch in input_pipeline.eval_batches(prepared, batch_size):
+        real = batch["mask"] == 1
+        probabilities.append(np.asarray(predict(batch["image"]))[real])
+        labels.append(batch["label"][real])
+        if on_batch is not None:
+            on_batch(batch["image"][real], probabilities[-1], labels[-1])
+    return np.concatenate(probabilities), np.concatenate(labels)
+
+
 def evaluate(
     workdir: str,
     data_dir: Optional[str] = None,
@@ -87,15 +108,9 @@ def evaluate(
     run = inference.load_run(workdir, checkpoint)
     data, default_name, description, skipped = resolve_eval_data(run, data_dir, dataset, split)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or default_name)
-    predict = inference.make_predict_fn(run, tta)
 
-    prepared = input_pipeline.prepare(data, run.config.image_size, run.config.resize, cache=False)
-    probabilities, labels = [], []
-    for batch in input_pipeline.eval_batches(prepared, batch_size):
-        real = batch["mask"] == 1
-        probabilities.append(np.asarray(predict(batch["image"]))[real])
-        labels.append(batch["label"][real])
-    report = classification_report(np.concatenate(probabilities), np.concatenate(labels), run.class_names)
+    probabilities, labels = predict_split(run, data, batch_size, tta)
+    report = classification_report(probabilities, labels, run.class_names)
     report.update({
         "name": name, "data": description, "checkpoint": checkpoint, "step": run.step, "epoch": run.epoch,
         "tta": tta, "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
@@ -118,6 +133,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"Checkpoint step {report['step']} (epoch {report['epoch']}, {report['checkpoint']}) on "
         f"{report['data']}: {report['num_examples']} images" + (" (flip TTA)" if report["tta"] == "flip" else ""),
         f"accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}  macro F1 {report['macro_f1']:.4f}"
+        f"  ECE {report['calibration']['expected_calibration_error']:.4f}"
         + (f"  ROC-AUC {report['roc_auc']:.4f}" if "roc_auc" in report else "")
         + (f"  top-5 accuracy {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else ""),
         "",

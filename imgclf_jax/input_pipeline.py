@@ -37,6 +37,7 @@ class Split:
 
     num_examples: int
     images: tf.data.Dataset
+    paths: Optional[list[str]] = None  # The files, in order, for splits read from a folder.
 
 
 @dataclasses.dataclass
@@ -70,7 +71,7 @@ def folder_split(
     ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
         load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
-    return Split(len(paths), ds)
+    return Split(len(paths), ds, paths)
 
 
 def load_folder_source(

@@ -129,4 +129,25 @@ def classification_report(
     if num_classes > 5:
         report["top5_accuracy"] = float(
             skm.top_k_accuracy_score(labels, probabilities, k=5, labels=class_ids))
+    report["calibration"] = calibration(probabilities, labels)
     return report
+
+
+def calibration(probabilities: np.ndarray, labels: np.ndarray, num_bins: int = 10) -> dict[str, Any]:
+    """Reliability of the top-class probability: per equal-width confidence bin, the mean confidence and
+    the accuracy; and the expected calibration error (ECE), their gap weighted by the bins' sizes."""
+    probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels, np.int64)
+    confidence = probabilities.max(axis=-1)
+    correct = probabilities.argmax(axis=-1) == labels
+    # Bin b holds confidences in (b/num_bins, (b+1)/num_bins]; a confidence of 0 goes to the first bin.
+    bin_of = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(num_bins):
+        members = bin_of == b
+        count = int(members.sum())
+        mean_confidence = float(confidence[members].mean()) if count else 0.0
+        accuracy = float(correct[members].mean()) if count else 0.0
+        ece += count / max(len(labels), 1) * abs(accuracy - mean_confidence)
+        bins.append({"low": b / num_bins, "high": (b + 1) / num_bins, "count": count,
+                     "confidence": mean_confidence, "accuracy": accuracy})
+    return {"expected_calibration_error": float(ece), "bins": bins}

@@ -1,16 +1,19 @@
-"""Training curves from metrics records: loss and accuracy by epoch, train (dashed) vs validation."""
+"""Figures: training curves (loss and accuracy by epoch, train dashed vs validation), the confusion matrix
+and the reliability diagram. Each is saved to a path or a binary file object (the HTML report embeds them)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import IO, Any, Mapping, Sequence, Union
 
 import matplotlib
 
 matplotlib.use("Agg")  # Files only; never needs a display.
 import matplotlib.pyplot as plt
 
+Destination = Union[str, IO[bytes]]
 
-def plot_training_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: str) -> None:
+
+def plot_training_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: Destination) -> None:
     """Draws one figure with a loss panel and an accuracy panel; several runs are overlaid by colour."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     single = len(runs) == 1
@@ -34,7 +37,7 @@ def plot_training_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: str
     plt.close(fig)
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str,
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Destination,
                           title: str = "Confusion matrix") -> None:
     """Counts per (true, predicted) class, shaded by the fraction of each true class."""
     import numpy as np
@@ -57,6 +60,35 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
             for j in range(n):
                 ax.text(j, i, str(counts[i, j]), ha="center", va="center",
                         color="white" if fractions[i, j] > 0.5 else "black", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(bins: Sequence[dict[str, Any]], ece: float, path: Destination) -> None:
+    """Accuracy against mean confidence per confidence bin (from `metrics.calibration`), with the diagonal
+    of perfect calibration and each bin's share of the images."""
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5.2, 5.6), sharex=True,
+                                       gridspec_kw={"height_ratios": [3, 1]})
+    lows = [b["low"] for b in bins]
+    width = bins[0]["high"] - bins[0]["low"]
+    filled = [b for b in bins if b["count"]]
+    ax.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+           color="C0", edgecolor="white", label="accuracy")
+    ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="C3",
+            label="(mean confidence, accuracy)")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability (ECE {ece:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    total = max(sum(b["count"] for b in bins), 1)
+    ax_count.bar(lows, [b["count"] / total for b in bins], width=width, align="edge", color="C7",
+                 edgecolor="white")
+    ax_count.set_xlim(0, 1)
+    ax_count.set_xlabel("confidence (top-class probability)")
+    ax_count.set_ylabel("share")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

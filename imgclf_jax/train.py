@@ -353,7 +353,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         best = max(reversed(records), key=lambda r: r["val_accuracy"])  # Ties: the latest, as orbax.
         log.info("Best validation accuracy %.4f at epoch %d. Work directory: %s",
                  best["val_accuracy"], best["epoch"], workdir)
+        if config.report:
+            _write_report(workdir)
     return records
+
+
+def _write_report(workdir: str) -> None:
+    """The HTML run report; a failure here is logged, since the trained run itself is complete."""
+    if jax.process_count() > 1:  # Restoring in one process would wait for the others forever.
+        log.info("Multi-process run: write the report with `python -m imgclf_jax.report %s`.", workdir)
+        return
+    from imgclf_jax import report  # report -> evaluate -> inference -> train.
+
+    try:
+        log.info("Report: %s", report.build_report(workdir))
+    except Exception as e:  # noqa: BLE001 - the checkpoints and metrics are already safe.
+        log.warning("Could not write the run report (%s: %s); try `python -m imgclf_jax.report %s`.",
+                    type(e).__name__, e, workdir)
 
 
 # ----------------------------------------------------------------------------------------------------

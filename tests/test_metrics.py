@@ -68,3 +68,17 @@ def test_plot_metrics_script_overlays_runs(tmp_path):
     assert out.stat().st_size > 1000
     failed = subprocess.run([sys.executable, script, str(tmp_path / "none")], capture_output=True, text=True)
     assert failed.returncode == 2 and "no metrics.jsonl records" in failed.stderr
+
+
+def test_calibration_bins_and_expected_calibration_error():
+    from imgclf_jax.metrics import calibration
+
+    probabilities = np.array([[0.95, 0.05], [0.9, 0.1], [0.3, 0.7], [0.4, 0.6], [0.5, 0.5]])
+    labels = np.array([0, 1, 1, 0, 0])
+    result = calibration(probabilities, labels, num_bins=5)
+    counts = [b["count"] for b in result["bins"]]
+    assert counts == [0, 0, 2, 1, 2]  # (0.4, 0.6]: 0.5, 0.6 | (0.6, 0.8]: 0.7 | (0.8, 1]: 0.95, 0.9
+    top = result["bins"][4]
+    assert top["confidence"] == pytest.approx(0.925) and top["accuracy"] == 0.5
+    # |0.5 - 0.55| * 2/5 + |1 - 0.7| * 1/5 + |0.5 - 0.925| * 2/5
+    assert result["expected_calibration_error"] == pytest.approx(0.02 + 0.06 + 0.17)
