@@ -103,6 +103,7 @@ def tiny_base_config():
     config.epochs = 2
     config.batch_size = 8
     config.learning_rate = 3e-3
+    config.report = False  # tests/test_report.py covers it, on `trained_run`.
     return config
 
 
@@ -116,7 +117,7 @@ def trained_run(tmp_path_factory):
     make_class_folder(data / "train", {"cats": 24, "dogs": 24})
     make_class_folder(data / "validation", {"cats": 7, "dogs": 6}, start=100)
     config = tiny_base_config()
-    config.data_dir = str(data)
+    config.data_dir, config.report = str(data), True
     train.train_and_evaluate(config, str(root / "work"))
     return root / "work", data
 

@@ -43,3 +43,4 @@ def test_one_epoch_of_the_default_demo_from_the_command_line(tmp_path):
     assert "epoch 1/1" in result.stderr
     assert (tmp_path / "data" / "digits").is_dir()
     assert (tmp_path / "w" / "training_curves.png").is_file()
+    assert "Report: " in result.stderr and (tmp_path / "w" / "report.html").is_file()

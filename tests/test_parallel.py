@@ -22,6 +22,7 @@ def get_config():
     c.cnn.filters, c.cnn.dense_units, c.cnn.batch_norm, c.cnn.dropout = (8, 16), 16, True, 0.1
     c.augment.enabled, c.augment.flip, c.augment.crop_area_min = True, True, 0.6
     c.epochs, c.batch_size, c.learning_rate, c.conv_impl = 3, 8, 3e-3, 'xla'
+    c.report = False
     return c
 """
 

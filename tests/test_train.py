@@ -206,6 +206,7 @@ def test_sigkill_then_the_same_command_ends_like_an_uninterrupted_run(two_class_
         "    c.image_size, c.model, c.cnn.filters, c.cnn.dense_units = 24, 'cnn', (8, 16), 16\n"
         "    c.cnn.dropout, c.augment.enabled, c.augment.flip = 0.1, True, True\n"
         "    c.epochs, c.batch_size, c.learning_rate, c.lr_schedule = 6, 8, 2e-3, 'cosine'\n"
+        "    c.report = False\n"
         "    return c\n")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
