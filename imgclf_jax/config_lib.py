@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
         contrast=0.0,  # Contrast factor range 1 +- contrast.
     ))
 
+    # MixUp / CutMix on whole batches in the train step (imgclf_jax/mixing.py); alpha 0 = off. With both
+    # on, each mixed batch uses one of them at random; `prob` is the share of batches mixed at all.
+    c.mix = ml_collections.ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0))
+
     # Model: `model` picks the network; its settings live in the sub-config of the same name.
     c.model = "cnn"
     # Convolution implementation: 'auto' (matmul weight gradients on CPU, XLA's own elsewhere), 'xla',
@@ -149,6 +153,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"lr_schedule must be 'constant' or 'cosine' (got {config.lr_schedule!r})")
     if config.resize not in ("squash", "crop", "pad"):
         raise UserError(f"resize must be 'squash', 'crop' or 'pad' (got {config.resize!r})")
+    for field in ("mixup_alpha", "cutmix_alpha"):
+        if not config.mix[field] >= 0:
+            raise UserError(f"mix.{field} must be >= 0 (got {config.mix[field]!r})")
+    if not 0.0 <= config.mix.prob <= 1.0:
+        raise UserError(f"mix.prob must be in [0, 1] (got {config.mix.prob!r})")
     if not 0.0 <= config.augment.crop_area_min <= 1.0 or config.augment.crop_area_min == 0.0:
         raise UserError(f"augment.crop_area_min must be in (0, 1] (got {config.augment.crop_area_min!r})")
 

@@ -26,7 +26,8 @@ import optax
 import tqdm
 from flax.training import train_state
 
-from imgclf_jax import checkpointing, cli, config_lib, input_pipeline, losses, models, parallel, plotting
+from imgclf_jax import (checkpointing, cli, config_lib, input_pipeline, losses, mixing, models, parallel,
+                        plotting)
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import MetricsLog, read_metrics
 
@@ -43,6 +44,10 @@ class TrainState(train_state.TrainState):
 
     batch_stats: Any
     dropout_key: jax.Array
+
+
+# Folded into the step's dropout key for MixUp/CutMix, so dropout draws stay as they are without mixing.
+_MIX_KEY_STREAM = 0x6D6978
 
 
 class TrainingDiverged(UserError):
@@ -110,25 +115,41 @@ def create_train_state(
 
 
 def train_step(
-    state: TrainState, batch: dict[str, jax.Array], loss_kind: str, label_smoothing: float
+    state: TrainState, batch: dict[str, jax.Array], loss_kind: str, label_smoothing: float,
+    mix_config: Optional[ml_collections.ConfigDict] = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on one batch; returns the new state and the batch's mean loss and accuracy."""
+    """One optimizer step on one batch; returns the new state and the batch's mean loss and accuracy.
+
+    With `mix_config` (config.mix) enabled, the batch is first mixed (MixUp/CutMix, imgclf_jax.mixing); the
+    accuracy is then measured against each image's larger share of label.
+    """
     dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
+    images, labels = batch["image"], batch["label"]
+    partner_labels, lam = labels, jnp.float32(1.0)
+    mixed = mix_config is not None and mixing.is_enabled(mix_config)
+    if mixed:
+        images, labels, partner_labels, lam = mixing.mix_batch(
+            jax.random.fold_in(dropout_key, _MIX_KEY_STREAM), images, labels,
+            mix_config.mixup_alpha, mix_config.cutmix_alpha, mix_config.prob)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             mutable=["batch_stats"],
             rngs={"dropout": dropout_key},
         )
-        loss = losses.per_example_loss(logits, batch["label"], loss_kind, label_smoothing).mean()
-        return loss, (logits, updates)
+        loss = losses.per_example_loss(logits, labels, loss_kind, label_smoothing)
+        if mixed:
+            loss = lam * loss + (1.0 - lam) * losses.per_example_loss(
+                logits, partner_labels, loss_kind, label_smoothing)
+        return loss.mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
-    correct = losses.predicted_class(logits, loss_kind) == batch["label"]
+    majority_labels = jnp.where(lam >= 0.5, labels, partner_labels)
+    correct = losses.predicted_class(logits, loss_kind) == majority_labels
     return state, {"loss": loss, "accuracy": correct.mean()}
 
 
@@ -289,7 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 
     state_sharding, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     train_fn = jax.jit(
-        functools.partial(train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing),
+        functools.partial(train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing,
+                          mix_config=config.mix),
         in_shardings=(state_sharding, data_sharding),
         out_shardings=(state_sharding, parallel.replicated(mesh)),
         donate_argnums=0,

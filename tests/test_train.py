@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from imgclf_jax import input_pipeline, losses, models, train
+from imgclf_jax import input_pipeline, losses, mixing, models, train
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import REQUIRED_KEYS, read_metrics
 
@@ -36,6 +36,33 @@ def test_train_step_lowers_the_loss_on_a_batch(tiny_config, loss_kind, num_class
     assert int(state.step) == 31
     assert float(last["loss"]) < 0.5 * float(first["loss"])
     assert float(last["accuracy"]) == 1.0
+
+
+@pytest.mark.parametrize("loss_kind, num_classes", [("sigmoid", 2), ("softmax", 3)])
+def test_mixed_train_step_loss_is_the_lam_weighted_loss_of_both_labels(tiny_config, loss_kind, num_classes):
+    tiny_config.mix.update(mixup_alpha=0.4, cutmix_alpha=1.0)
+    state = _state(tiny_config, losses.num_outputs(loss_kind, num_classes))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
+             "label": (np.arange(8) % num_classes).astype(np.int32)}
+    step = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=0.1,
+                                     mix_config=tiny_config.mix))
+    _, reported = step(state, batch)
+
+    # The same mix, recomputed from the step's key, scored with the untrained parameters.
+    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
+    mixed = mixing.mix_batch(jax.random.fold_in(dropout_key, train._MIX_KEY_STREAM), batch["image"],
+                             batch["label"], 0.4, 1.0, 1.0)
+    assert 0.0 < float(mixed.lam) < 1.0
+    logits, _ = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, mixed.images,
+                               train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+    expected = (float(mixed.lam) * losses.per_example_loss(logits, mixed.labels, loss_kind, 0.1)
+                + (1 - float(mixed.lam)) * losses.per_example_loss(logits, mixed.partner_labels, loss_kind, 0.1))
+    assert float(reported["loss"]) == pytest.approx(float(expected.mean()), rel=1e-5)
+
+    plain = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=0.1))
+    _, unmixed = plain(state, batch)
+    assert float(unmixed["loss"]) != pytest.approx(float(reported["loss"]), rel=1e-3)
 
 
 def test_learning_rate_schedules(tiny_config):
@@ -131,10 +158,13 @@ def test_three_classes_use_softmax_and_a_held_out_split(tiny_config, flat_three_
     ("image_size", 0, "image_size must be a positive"),
     ("learning_rate", -0.1, "learning_rate must be a non-negative"),
     ("resize", "stretch", "resize must be"),
+    ("mix.mixup_alpha", -1.0, "mix.mixup_alpha must be >= 0"),
+    ("mix.prob", 1.5, r"mix.prob must be in \[0, 1\]"),
 ])
 def test_bad_config_values_are_refused_before_reading_data(tiny_config, tmp_path, field, value, message):
     tiny_config.data_dir = str(tmp_path / "does_not_matter")
-    setattr(tiny_config, field, value)
+    target, _, name = field.rpartition(".")
+    setattr(tiny_config[target] if target else tiny_config, name, value)
     with pytest.raises(UserError, match=message):
         train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
 
