@@ -36,6 +36,12 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return records
 
 
+def best_record(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch record with the highest validation accuracy; ties go to the latest epoch, as the best
+    checkpoint kept by orbax does."""
+    return max(reversed(records), key=lambda r: r["val_accuracy"])
+
+
 class MetricsLog:
     """Appends epoch records durably; on resume it drops records of epochs after the restored one, so an
     epoch is never logged twice."""

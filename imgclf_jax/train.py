@@ -29,7 +29,7 @@ from flax.training import train_state
 from imgclf_jax import (checkpointing, cli, config_lib, input_pipeline, losses, mixing, models, parallel,
                         plotting)
 from imgclf_jax.errors import UserError
-from imgclf_jax.metrics import MetricsLog, read_metrics
+from imgclf_jax.metrics import MetricsLog, best_record, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     records = read_metrics(workdir)
     if records:
         plotting.plot_training_curves({config.name: records}, os.path.join(workdir, CURVES_FILE))
-        best = max(reversed(records), key=lambda r: r["val_accuracy"])  # Ties: the latest, as orbax.
+        best = best_record(records)
         log.info("Best validation accuracy %.4f at epoch %d. Work directory: %s",
                  best["val_accuracy"], best["epoch"], workdir)
         if config.report:

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
-from imgclf_jax import cli, config_lib, evaluate, train  # noqa: E402
+from imgclf_jax import cli, config_lib, evaluate, metrics, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -48,8 +48,7 @@ def main(argv) -> None:
     minutes = (time.perf_counter() - start) / 60
     scores = evaluate.evaluate(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, tta=FLAGS.tta,
                                name=f"check_{FLAGS.split}_{FLAGS.tta}")
-    # Ties go to the latest epoch, as the trainer's best checkpoint does.
-    best = max(reversed(records), key=lambda r: r["val_accuracy"]) if records else {"epoch": 0}
+    best = metrics.best_record(records) if records else {"epoch": 0}
     print(f"| {config.name} | {FLAGS.note or '-'} | {config.model} {config.image_size}px, {config.epochs} epochs | "
           f"{scores['accuracy']:.4f} ({FLAGS.split}, tta {FLAGS.tta}, best epoch {best['epoch']}) | "
           f"{minutes:.1f} min (whole command incl. scan and compile) |")

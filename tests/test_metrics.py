@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgclf_jax.metrics import MetricsLog, classification_report, read_metrics
+from imgclf_jax.metrics import MetricsLog, best_record, classification_report, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,3 +82,10 @@ def test_calibration_bins_and_expected_calibration_error():
     assert top["confidence"] == pytest.approx(0.925) and top["accuracy"] == 0.5
     # |0.5 - 0.55| * 2/5 + |1 - 0.7| * 1/5 + |0.5 - 0.925| * 2/5
     assert result["expected_calibration_error"] == pytest.approx(0.02 + 0.06 + 0.17)
+
+
+def test_best_record_prefers_the_latest_of_tied_epochs():
+    records = [{"epoch": 1, "val_accuracy": 0.5}, {"epoch": 2, "val_accuracy": 0.8},
+               {"epoch": 3, "val_accuracy": 0.7}, {"epoch": 4, "val_accuracy": 0.8}]
+    assert best_record(records)["epoch"] == 4
+    assert best_record(records[:3])["epoch"] == 2
