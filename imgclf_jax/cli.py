@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 from absl import app
 from absl import logging as absl_logging
 
+from imgclf_jax import xla_cpu
 from imgclf_jax.errors import EXIT_USER_ERROR, UserError
 
 EXIT_INTERRUPTED = 130
@@ -27,7 +28,11 @@ def setup_logging() -> None:
 
 
 def run(prog: str, main: Callable[[Sequence[str]], None], argv_fn: Callable[[], list[str]] = lambda: sys.argv) -> None:
-    """Runs `main` under absl (flag parsing) so that a UserError becomes `prog: error: ...`, exit 2."""
+    """Runs `main` under absl (flag parsing) so that a UserError becomes `prog: error: ...`, exit 2.
+
+    First of all, before anything starts JAX's CPU backend, freed host memory is set to be reused (xla_cpu).
+    """
+    xla_cpu.keep_freed_memory()
 
     def guarded_main(argv: Sequence[str]) -> None:
         setup_logging()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from imgclf_jax import checkpointing, config_lib, losses, models, train
+from imgclf_jax import checkpointing, config_lib, losses, models, train, xla_cpu
 from imgclf_jax.errors import UserError
 
 
@@ -74,7 +74,7 @@ def make_predict_fn(run: TrainedRun, tta: str = "none") -> Callable[[np.ndarray]
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
     apply = functools.partial(run.state.apply_fn, train=False)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options())
     def predict(images: jnp.ndarray) -> jnp.ndarray:
         probs = losses.probabilities(apply(variables, images), run.loss_kind)
         if tta == "flip":

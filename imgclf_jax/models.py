@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from imgclf_jax import conv, pooling
+from imgclf_jax import conv, pooling, xla_cpu
 from imgclf_jax.errors import UserError
 
 MODEL_NAMES = ("tutorial_cnn", "cnn", "resnet")
@@ -134,11 +134,13 @@ class ResNet(nn.Module):
 
 def conv_function(conv_impl: str) -> ConvFn:
     """'xla': lax's convolution; 'matmul_grad': `conv.conv_general_dilated` (its weight gradient is
-    matmuls); 'auto': matmul_grad on CPU, where it is several times faster, xla on GPU/TPU."""
+    matmuls); 'auto': xla, except on a single CPU device whose XLA does not take `xla_cpu.compiler_options`:
+    there the convolutions may run in YNNPACK, whose weight gradients matmul_grad beats several times."""
     if conv_impl not in CONV_IMPLS:
         raise UserError(f"unknown conv_impl '{conv_impl}' (choose from {', '.join(CONV_IMPLS)})")
     if conv_impl == "auto":  # Several CPU devices are a test set-up; the scan over images would not split.
-        conv_impl = "matmul_grad" if jax.default_backend() == "cpu" and jax.device_count() == 1 else "xla"
+        slow_cpu_grads = jax.default_backend() == "cpu" and not xla_cpu.compiler_options()
+        conv_impl = "matmul_grad" if slow_cpu_grads and jax.device_count() == 1 else "xla"
     return conv.conv_general_dilated if conv_impl == "matmul_grad" else None
 
 

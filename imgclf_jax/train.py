@@ -27,7 +27,7 @@ import tqdm
 from flax.training import train_state
 
 from imgclf_jax import (checkpointing, cli, config_lib, input_pipeline, losses, mixing, models, parallel,
-                        plotting)
+                        plotting, xla_cpu)
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import MetricsLog, best_record, read_metrics
 
@@ -315,9 +315,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         in_shardings=(state_sharding, data_sharding),
         out_shardings=(state_sharding, parallel.replicated(mesh)),
         donate_argnums=0,
+        compiler_options=xla_cpu.compiler_options(),
     )
     jitted_eval = jax.jit(functools.partial(eval_step, loss_kind=loss_kind),
-                          in_shardings=(state_sharding, data_sharding))
+                          in_shardings=(state_sharding, data_sharding), compiler_options=xla_cpu.compiler_options())
     train_step_fn = lambda state, batch: train_fn(state, parallel.global_batch(mesh, batch))
     eval_fn = lambda state, batch: jitted_eval(state, parallel.global_batch(mesh, batch))
     rows = parallel.process_rows(mesh, config.batch_size)

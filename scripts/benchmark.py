@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgclf_jax import config_lib, input_pipeline, losses, models, train
+from imgclf_jax import config_lib, input_pipeline, losses, models, parallel, train, xla_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "datasets", "cats_vs_dogs")
@@ -51,6 +52,15 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def _steal_seconds() -> Optional[float]:
+    """CPU time the hypervisor gave to other guests (Linux /proc/stat 'steal'), summed over cores."""
+    try:
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -72,16 +82,20 @@ def load_batches(config, data_dir: str, count: int) -> list[dict[str, np.ndarray
              "label": rng.integers(0, 2, bs).astype(np.int32)} for _ in range(count)], ["a", "b"]
 
 
-def jax_runner(config, conv_impl: str, num_classes: int, batches):
+def jax_runner(config, conv_impl: str, num_classes: int, batches, compiler_options: dict):
     config = config.copy_and_resolve_references()
     config.conv_impl = conv_impl
     loss_kind = losses.resolve_loss(config.loss, num_classes)
     model = models.create_model(config, losses.num_outputs(loss_kind, num_classes))
     lr = train.create_learning_rate_fn(config, steps_per_epoch=100)
-    state = train.create_train_state(model, config.image_size, train.create_optimizer(config, lr), 0)
+    mesh = parallel.create_mesh()  # As the trainer does: the batch split over every device, state replicated.
+    state = train.create_train_state(model, config.image_size, train.create_optimizer(config, lr), 0, mesh)
+    state_sharding = parallel.replicated(mesh)
     step = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing),
-                   donate_argnums=0)
-    device_batches = [jax.device_put(b) for b in batches]
+                   in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, state_sharding), donate_argnums=0,
+                   compiler_options=compiler_options)
+    device_batches = [parallel.global_batch(mesh, b) for b in batches]
     holder = {"state": state}
 
     def run(steps: int) -> None:
@@ -147,9 +161,11 @@ def benchmark_steps(args) -> None:
           f"{len(batches)} real batches from {args.data_dir if os.path.isdir(args.data_dir or '') else 'random data'}")
     flops = model_flops_per_step(config, len(class_names), batches[0])
     print(f"Model FLOPs per image (one training step, XLA's count): {flops / config.batch_size / 1e9:.3f} GFLOP")
+    options = {} if args.untuned else xla_cpu.compiler_options()
+    print(f"XLA compiler options: {options or 'defaults'}")
     runners = {}
     for impl in args.conv_impls.split(","):
-        runners[f"imgclf_jax (conv_impl={impl})"] = jax_runner(config, impl, len(class_names), batches)
+        runners[f"imgclf_jax (conv_impl={impl})"] = jax_runner(config, impl, len(class_names), batches, options)
     if not args.no_keras:
         runners["keras"] = keras_runner(config, len(class_names), batches)
     for run in runners.values():  # Warm-up: compilation, tracing, allocator.
@@ -157,10 +173,16 @@ def benchmark_steps(args) -> None:
     best = {name: 0.0 for name in runners}
     for r in range(args.rounds):
         for name, run in runners.items():
+            cpu_before, steal_before = os.times(), _steal_seconds()
             seconds = _timed(lambda: run(args.steps))
+            cpu_after, steal_after = os.times(), _steal_seconds()
+            busy = (cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system) / seconds
             ips = args.steps * config.batch_size / seconds
             best[name] = max(best[name], ips)
-            print(f"  round {r + 1}: {name:<36} {ips:8.1f} images/s")
+            line = f"  round {r + 1}: {name:<36} {ips:8.1f} images/s  ({busy:.1f} of {os.cpu_count()} cores busy"
+            if steal_before is not None and steal_after is not None:
+                line += f", {(steal_after - steal_before) / seconds:.2f} cores stolen by the hypervisor"
+            print(line + ")")
     print("\nBest round:")
     for name, ips in best.items():
         line = f"  {name:<36} {ips:8.1f} images/s"
@@ -199,7 +221,12 @@ def main(argv=None) -> None:
     parser.add_argument("--conv_impls", default="auto,xla")
     parser.add_argument("--no_keras", action="store_true")
     parser.add_argument("--pipeline", action="store_true", help="time the input pipeline alone")
+    parser.add_argument("--untuned", action="store_true",
+                        help="leave malloc and the XLA:CPU options at their defaults (imgclf_jax.xla_cpu does not "
+                             "run), to measure what those two settings are worth")
     args = parser.parse_args(argv)
+    kept = not args.untuned and xla_cpu.keep_freed_memory()
+    print(f"Host memory: {'freed memory kept for reuse (xla_cpu.keep_freed_memory)' if kept else 'malloc defaults'}")
     (benchmark_pipeline if args.pipeline else benchmark_steps)(args)
 
 

@@ -1,0 +1,91 @@
+"""xla_cpu: freed host memory is reused (no page faults per step), and the XLA:CPU options take effect."""
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+from imgclf_jax import models, xla_cpu
+
+glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="the malloc settings are glibc's")
+
+# Runs a jitted function with two 200 MB temporaries (above glibc's 32 MiB mmap threshold) 20 times and
+# prints the minor page faults of those calls. The malloc settings are process-wide and must come before
+# JAX starts, hence a fresh interpreter.
+_CALLS = 20
+_PAGES_PER_CALL = 2 * 200_000_000 // 4096
+_FAULTS_SCRIPT = textwrap.dedent(f"""
+    import resource, time
+    from imgclf_jax import xla_cpu
+    print("kept" if xla_cpu.keep_freed_memory() else "default")
+    import jax, jax.numpy as jnp
+    f = jax.jit(lambda x: (jnp.sin(x) * jnp.cos(x) + x).sum())
+    x = jnp.ones((50_000_000,), jnp.float32)
+    f(x).block_until_ready()  # Compiles.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range({_CALLS}):
+        f(x).block_until_ready()
+        time.sleep(0.1)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+def _run_faults_script(extra_env: dict[str, str]) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(extra_env)
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    return out[0], int(out[1])
+
+
+@glibc_only
+def test_freed_memory_is_reused_without_page_faults():
+    mode, faults = _run_faults_script({})
+    assert mode == "kept"
+    # Glibc's defaults fault every page in again at every call (measured: 97,656 faults a call). Kept, the
+    # heap grows for the first few calls (freed blocks are not always contiguous yet), then stays mapped.
+    assert faults < _CALLS * _PAGES_PER_CALL // 4
+
+
+@glibc_only
+def test_opt_out_and_users_own_malloc_settings_are_respected():
+    assert _run_faults_script({xla_cpu.OPT_OUT: "0"})[0] == "default"
+    assert _run_faults_script({"MALLOC_ARENA_MAX": "4"})[0] == "default"
+
+
+def _plain_conv(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU options")
+def test_compiler_options_keep_convolutions_and_their_gradients_out_of_ynnpack():
+    options = xla_cpu.compiler_options()
+    if not options:
+        pytest.skip("this jaxlib does not take the XLA:CPU option")
+    x, k = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 8))
+    grads = jax.grad(lambda x, k: _plain_conv(x, k).sum(), argnums=(0, 1))
+    default_hlo = jax.jit(grads).lower(x, k).compile().as_text()
+    tuned_hlo = jax.jit(grads, compiler_options=options).lower(x, k).compile().as_text()
+    tuned_convs = [line for line in tuned_hlo.splitlines() if " convolution(" in line]
+    assert len(tuned_convs) == 2  # The input and the weight gradient, both XLA's own.
+    assert all("ynn" not in line for line in tuned_convs)
+    if "ynn_fusion" in default_hlo:  # This jaxlib would have used YNNPACK: the option is what changed it.
+        assert tuned_hlo.count(" convolution(") > default_hlo.count(" convolution(")
+    # Same numbers either way.
+    for a, b in zip(jax.jit(grads)(x, k), jax.jit(grads, compiler_options=options)(x, k)):
+        assert jnp.allclose(a, b, rtol=1e-5)
+
+
+def test_auto_conv_is_xla_wherever_the_cpu_options_apply():
+    if jax.default_backend() == "cpu" and not xla_cpu.compiler_options() and jax.device_count() == 1:
+        assert models.conv_function("auto") is not None  # The matmul weight gradient.
+    else:
+        assert models.conv_function("auto") is None  # lax's convolution.
+    assert models.conv_function("xla") is None
