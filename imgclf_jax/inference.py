@@ -46,7 +46,7 @@ def load_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
     loss_kind = losses.resolve_loss(config.loss, len(class_names))
     model = models.create_model(config, losses.num_outputs(loss_kind, len(class_names)))
     optimizer = train.create_optimizer(config, train.create_learning_rate_fn(config, steps_per_epoch=1))
-    target = train.create_train_state(model, config.image_size, optimizer, config.seed)
+    target = train.abstract_train_state(model, config.image_size, optimizer)
 
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     steps = checkpointer.all_steps()

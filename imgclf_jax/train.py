@@ -95,19 +95,28 @@ def create_train_state(
     mesh: Optional[jax.sharding.Mesh] = None,
 ) -> TrainState:
     """A fresh state from `seed`; with a `mesh`, replicated on every device of it."""
-    params_key, dropout_key = jax.random.split(jax.random.key(seed))
-
-    def create():
-        variables = model.init(params_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
-        return TrainState.create(
-            apply_fn=model.apply,
-            params=variables["params"],
-            tx=optimizer,
-            batch_stats=variables.get("batch_stats", {}),
-            dropout_key=jax.random.key_data(dropout_key),
-        )
-
+    create = functools.partial(_initial_state, model, image_size, optimizer, seed)
     return jax.jit(create, out_shardings=parallel.replicated(mesh) if mesh is not None else None)()
+
+
+def abstract_train_state(
+    model: flax.linen.Module, image_size: int, optimizer: optax.GradientTransformation,
+) -> TrainState:
+    """The state's structure, shapes and dtypes without computing it: a restore target (nothing compiled)."""
+    return jax.eval_shape(functools.partial(_initial_state, model, image_size, optimizer, 0))
+
+
+def _initial_state(model: flax.linen.Module, image_size: int, optimizer: optax.GradientTransformation,
+                   seed: int) -> TrainState:
+    params_key, dropout_key = jax.random.split(jax.random.key(seed))
+    variables = model.init(params_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optimizer,
+        batch_stats=variables.get("batch_stats", {}),
+        dropout_key=jax.random.key_data(dropout_key),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
