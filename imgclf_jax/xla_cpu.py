@@ -1,11 +1,12 @@
-"""Two settings that make XLA:CPU train fast; measured in docs/performance.md. Nothing changes on GPU/TPU.
+"""Two settings that make XLA:CPU train fast; measured in docs/performance.md.
 
 1. `keep_freed_memory()`: glibc's malloc serves every request above 32 MiB with a fresh `mmap` and gives
    it back with `munmap` when freed. XLA:CPU allocates a step's activations and gradients (blocks of
    75-300 MB for the tutorial CNN at batch 32) on its worker threads at every step, so every step the
    kernel hands out about a gigabyte of new zeroed pages: ~55,000 page faults and a third of the step in
    the kernel. With one malloc arena, no mmap and no trimming, freed blocks stay mapped and are reused.
-   Process-wide and glibc-only (elsewhere nothing changes); it must run before JAX starts its CPU backend,
+   Process-wide (on GPU machines too: the backend is not known yet) and glibc-only (elsewhere nothing
+   changes); the price is a heap that keeps its peak size. It must run before JAX starts its CPU backend,
    because each thread binds to a malloc arena at its first allocation, so the entry points call it first
    thing (`cli.run`). Setting glibc's own MALLOC_ARENA_MAX / MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_, or
    IMGCLF_KEEP_FREED_MEMORY=0, leaves the allocator as it is.
