@@ -124,21 +124,15 @@ def model_flops_per_step(config, num_classes: int, batch) -> float:
 
 
 def keras_runner(config, num_classes: int, batches):
-    """The Keras tutorial's model (only tutorial_cnn has a Keras twin here)."""
-    import keras
+    """The Keras tutorial's model (only tutorial_cnn has a Keras twin here), on our [0, 1] batches."""
     import tensorflow as tf
+
+    import keras_tutorial  # scripts/, beside this file; imports Keras.
 
     if config.model != "tutorial_cnn":
         raise SystemExit("the Keras comparison exists for model 'tutorial_cnn' only; use --no_keras")
     outputs = 1 if num_classes == 2 else num_classes
-    layers = [keras.Input((config.image_size, config.image_size, 3))]
-    for filters in (16, 32, 64):
-        layers += [keras.layers.Conv2D(filters, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D()]
-    layers += [keras.layers.Flatten(), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(outputs)]
-    model = keras.Sequential(layers)
-    loss = (keras.losses.BinaryCrossentropy(from_logits=True) if outputs == 1
-            else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss, metrics=["accuracy"])
+    model = keras_tutorial.build_model(config.image_size, num_classes, config.learning_rate, rescale=False)
     tensors = [(tf.constant(b["image"]), tf.constant(b["label"].reshape(-1, 1) if outputs == 1 else b["label"]))
                for b in batches]
 

@@ -21,6 +21,22 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 
+def build_model(image_size: int, num_classes: int, learning_rate: float, rescale: bool) -> keras.Model:
+    """The tutorial's CNN, compiled; our output layer (one logit for two classes). `rescale` maps 0-255
+    pixels to [0, 1] in the model, as the tutorial does; without it the model takes [0, 1] images, as ours."""
+    outputs = 1 if num_classes == 2 else num_classes
+    inputs = [keras.Input((image_size, image_size, 3))] + ([keras.layers.Rescaling(1.0 / 255)] if rescale else [])
+    model = keras.Sequential(inputs + [
+        layer for filters in (16, 32, 64)
+        for layer in (keras.layers.Conv2D(filters, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D())
+    ] + [keras.layers.Flatten(), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(outputs)])
+    loss = (keras.losses.BinaryCrossentropy(from_logits=True) if outputs == 1
+            else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    metric = keras.metrics.BinaryAccuracy(threshold=0.0) if outputs == 1 else "accuracy"
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[metric])
+    return model
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", required=True)
@@ -36,15 +52,7 @@ def main(argv=None) -> None:
     num_classes = len(train_ds.class_names)
     train_ds = train_ds.cache().shuffle(1000).prefetch(tf.data.AUTOTUNE)
     val_ds = val_ds.cache().prefetch(tf.data.AUTOTUNE)
-    outputs = 1 if num_classes == 2 else num_classes
-    model = keras.Sequential([keras.Input(size + (3,)), keras.layers.Rescaling(1.0 / 255)] + [
-        layer for filters in (16, 32, 64)
-        for layer in (keras.layers.Conv2D(filters, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D())
-    ] + [keras.layers.Flatten(), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(outputs)])
-    loss = (keras.losses.BinaryCrossentropy(from_logits=True) if outputs == 1
-            else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    metric = keras.metrics.BinaryAccuracy(threshold=0.0) if outputs == 1 else "accuracy"
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=[metric])
+    model = build_model(args.image_size, num_classes, learning_rate=1e-3, rescale=True)
     model.fit(train_ds, validation_data=val_ds, epochs=args.epochs, verbose=2)
     print(f"keras_tutorial: {args.epochs} epochs in {time.perf_counter() - start:.1f} s (after imports)")
 
