@@ -1,7 +1,8 @@
 """2-D convolution whose weight gradient is computed as well-shaped matmuls (fast on XLA:CPU).
 
-XLA:CPU lowers the weight gradient of a convolution to another convolution whose kernel is as large as the
-image; on CPU that runs 7-15x slower than the forward pass (docs/performance.md has the measurements). Here
+Where XLA:CPU runs convolutions in YNNPACK (`xla_cpu.compiler_options` turns that off where it can), it
+computes a weight gradient as another convolution whose kernel is as large as the image, 7-15x slower than
+the forward pass (docs/performance.md has the measurements). Here
 the forward pass and the input gradient stay XLA convolutions, and the weight gradient is computed image by
 image as patches^T @ output_gradient (so each image's patch matrix stays in cache), summed in a scan.
 Results equal `jax.grad` of the plain convolution up to float rounding (tests/test_conv.py).

@@ -57,3 +57,10 @@ def test_saved_config_round_trips_without_executing_code(tmp_path):
     config_lib.save_config(config, str(tmp_path / "config.json"))
     loaded = config_lib.load_saved_config(str(tmp_path / "config.json"))
     assert loaded.to_dict() == config.to_dict()
+
+
+def test_bad_augment_setting_is_named():
+    config = config_lib.base_config()
+    config.augment.crop_area_min = 0.0
+    with pytest.raises(UserError, match=r"augment.crop_area_min must be in \(0, 1\] \(got 0.0\)"):
+        config_lib.validate(config)
