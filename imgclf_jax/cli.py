@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import platform
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from absl import app
 from absl import logging as absl_logging
 
-from imgclf_jax import xla_cpu
+from imgclf_jax import folders, xla_cpu
 from imgclf_jax.errors import EXIT_USER_ERROR, UserError
 
 EXIT_INTERRUPTED = 130
+COMPILATION_CACHE_ENV = "IMGCLF_COMPILATION_CACHE"
+COMPILATION_CACHE_MAX_BYTES = 2**30  # Least recently used entries go beyond this.
 
 
 def setup_logging() -> None:
@@ -30,9 +35,11 @@ def setup_logging() -> None:
 def run(prog: str, main: Callable[[Sequence[str]], None], argv_fn: Callable[[], list[str]] = lambda: sys.argv) -> None:
     """Runs `main` under absl (flag parsing) so that a UserError becomes `prog: error: ...`, exit 2.
 
-    First of all, before anything starts JAX's CPU backend, freed host memory is set to be reused (xla_cpu).
+    First of all, before anything starts JAX's CPU backend, freed host memory is set to be reused (xla_cpu),
+    and compiled functions are kept on disk for the next run (`use_compilation_cache`).
     """
     xla_cpu.keep_freed_memory()
+    use_compilation_cache()
 
     def guarded_main(argv: Sequence[str]) -> None:
         setup_logging()
@@ -57,6 +64,45 @@ def run(prog: str, main: Callable[[Sequence[str]], None], argv_fn: Callable[[], 
     except UserError as e:
         _fail(prog, str(e))
     app.run(guarded_main, argv=argv, flags_parser=parse_flags)
+
+
+def use_compilation_cache() -> Optional[str]:
+    """Turns on JAX's persistent compilation cache; returns its directory (None: left off).
+
+    XLA compiles each jitted function anew in every process: on a CPU, seconds each for the parameter
+    initialisation, the train step and the eval step of every run, and for the model in every `predict`.
+    With the cache, a later run of the same model and settings loads them from disk instead. The directory
+    is xla-<machine> in `folders.cache_dir()`, one per CPU model and instruction set, so a home folder
+    shared by different machines never hands one machine another's code. IMGCLF_COMPILATION_CACHE=0 leaves
+    the cache off; JAX's own JAX_COMPILATION_CACHE_DIR, if set, is used as it is.
+    """
+    import jax  # Here, not at the top: importing imgclf_jax.cli stays cheap.
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if os.environ.get(COMPILATION_CACHE_ENV) == "0":
+        return None
+    path = os.path.join(folders.cache_dir(), f"xla-{_machine_id()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # A read-only home, say: run without the cache.
+        logging.getLogger(__name__).debug("no compilation cache at %s: %s", path, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:  # JAX's default lets it grow without end.
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+    return path
+
+
+def _machine_id() -> str:
+    """A short name for this kind of machine: architecture plus a hash of the CPU model and its features."""
+    details = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            details += "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
+    except OSError:
+        pass
+    return f"{platform.machine()}-{hashlib.sha256(details.encode()).hexdigest()[:12]}"
 
 
 def _fail(prog: str, message: str) -> None:

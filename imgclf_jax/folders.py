@@ -109,12 +109,17 @@ def list_candidate_files(folder: Path) -> tuple[list[str], list[tuple[str, str]]
     return candidates, skipped
 
 
-def _cache_path(root: Path) -> Optional[Path]:
-    base = os.environ.get("IMGCLF_CACHE_DIR") or os.path.join(
+def cache_dir() -> str:
+    """Where imgclf_jax keeps what it can recompute (scan verdicts, compiled code): $IMGCLF_CACHE_DIR, else
+    ~/.cache/imgclf_jax (under $XDG_CACHE_HOME if set)."""
+    return os.environ.get("IMGCLF_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "imgclf_jax"
     )
+
+
+def _cache_path(root: Path) -> Optional[Path]:
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    return Path(base) / f"scan-{digest}.json"
+    return Path(cache_dir()) / f"scan-{digest}.json"
 
 
 def _load_scan_cache(path: Optional[Path]) -> dict:

@@ -96,7 +96,8 @@ def create_train_state(
 ) -> TrainState:
     """A fresh state from `seed`; with a `mesh`, replicated on every device of it."""
     create = functools.partial(_initial_state, model, image_size, optimizer, seed)
-    return jax.jit(create, out_shardings=parallel.replicated(mesh) if mesh is not None else None)()
+    return jax.jit(create, out_shardings=parallel.replicated(mesh) if mesh is not None else None,
+                   compiler_options=xla_cpu.one_off_compiler_options())()
 
 
 def abstract_train_state(

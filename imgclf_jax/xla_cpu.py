@@ -1,4 +1,4 @@
-"""Two settings that make XLA:CPU train fast; measured in docs/performance.md.
+"""Three settings that make XLA:CPU train fast; measured in docs/performance.md.
 
 1. `keep_freed_memory()`: glibc's malloc serves every request above 32 MiB with a fresh `mmap` and gives
    it back with `munmap` when freed. XLA:CPU allocates a step's activations and gradients (blocks of
@@ -16,6 +16,12 @@
    convolutions run the same shapes at 100-135 GFLOP/s on 2 cores. The options keep YNNPACK for reductions
    only (the fastest of the measured choices). Passed to the jitted train/eval/predict steps, only on CPU,
    and only where this jaxlib knows the option (checked once by compiling a tiny function).
+
+3. `one_off_compiler_options()`: for a function compiled to run once, the parameter initialisation. Its
+   code is mostly random-number generation (threefry and an inverse erf per parameter array), which LLVM
+   spends many seconds optimising; unoptimised it compiles several times faster and runs in a fraction of a
+   second still. The parameters differ from the optimised build's by float rounding (1-2 units in the last
+   place).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ _USER_MALLOC_SETTINGS = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_TH
 OPT_OUT = "IMGCLF_KEEP_FREED_MEMORY"
 
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+_ONE_OFF_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def keep_freed_memory() -> bool:
@@ -59,14 +66,24 @@ def keep_freed_memory() -> bool:
 @functools.cache
 def compiler_options() -> dict[str, Any]:
     """XLA compiler options for `jax.jit(..., compiler_options=...)` on the default backend ({} off CPU)."""
+    return _cpu_options_if_accepted(_CPU_OPTIONS)
+
+
+@functools.cache
+def one_off_compiler_options() -> dict[str, Any]:
+    """Compiler options for a function that runs once, such as the parameter initialisation ({} off CPU)."""
+    return _cpu_options_if_accepted(_ONE_OFF_CPU_OPTIONS)
+
+
+def _cpu_options_if_accepted(options: dict[str, Any]) -> dict[str, Any]:
     import jax  # Not at the top: keep_freed_memory must be importable before JAX is.
     import jax.numpy as jnp
 
     if jax.default_backend() != "cpu":
         return {}
     try:
-        jax.jit(jnp.sum, compiler_options=_CPU_OPTIONS).lower(jnp.zeros(2)).compile()
+        jax.jit(jnp.sum, compiler_options=options).lower(jnp.zeros(2)).compile()
     except Exception as e:  # An XLA without the option (older or newer jaxlib): its defaults it is.
-        log.debug("XLA:CPU options %s not supported here: %s", _CPU_OPTIONS, e)
+        log.debug("XLA:CPU options %s not supported here: %s", options, e)
         return {}
-    return dict(_CPU_OPTIONS)
+    return dict(options)
