@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -70,14 +71,12 @@ def use_compilation_cache() -> Optional[str]:
     """Turns on JAX's persistent compilation cache; returns its directory (None: left off).
 
     XLA compiles each jitted function anew in every process: on a CPU, seconds each for the parameter
-    initialisation, the train step and the eval step of every run, and for the model in every `predict`.
-    With the cache, a later run of the same model and settings loads them from disk instead. The directory
+    initialisation and the train step of every run. With the cache, a later run of the same model and
+    settings loads those (JAX keeps what took a second or more to compile) from disk instead. The directory
     is xla-<machine> in `folders.cache_dir()`, one per CPU model and instruction set, so a home folder
     shared by different machines never hands one machine another's code. IMGCLF_COMPILATION_CACHE=0 leaves
     the cache off; JAX's own JAX_COMPILATION_CACHE_DIR, if set, is used as it is.
     """
-    import jax  # Here, not at the top: importing imgclf_jax.cli stays cheap.
-
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
     if os.environ.get(COMPILATION_CACHE_ENV) == "0":
@@ -88,9 +87,16 @@ def use_compilation_cache() -> Optional[str]:
     except OSError as e:  # A read-only home, say: run without the cache.
         logging.getLogger(__name__).debug("no compilation cache at %s: %s", path, e)
         return None
-    jax.config.update("jax_compilation_cache_dir", path)
-    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:  # JAX's default lets it grow without end.
-        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+    settings = {"jax_compilation_cache_dir": path}
+    # JAX's default lets the cache grow without end; bounding it takes the filelock package.
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and importlib.util.find_spec("filelock"):
+        settings["jax_compilation_cache_max_size"] = COMPILATION_CACHE_MAX_BYTES
+    jax = sys.modules.get("jax")
+    for name, value in settings.items():
+        if jax is not None:
+            jax.config.update(name, value)
+        else:  # JAX reads these when imported; entry points that never need it (doctor) stay without it.
+            os.environ[name.upper()] = str(value)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Three settings that make XLA:CPU train fast; measured in docs/performance.md.
+"""Three settings that make XLA:CPU train (and start) fast; measured in docs/performance.md.
 
 1. `keep_freed_memory()`: glibc's malloc serves every request above 32 MiB with a fresh `mmap` and gives
    it back with `munmap` when freed. XLA:CPU allocates a step's activations and gradients (blocks of

@@ -46,10 +46,15 @@ def test_one_epoch_of_the_default_demo_from_the_command_line(tmp_path):
     assert "Report: " in result.stderr and (tmp_path / "w" / "report.html").is_file()
 
 
-_COMPILE_TWICE = """
-import jax, jax.numpy as jnp
+# Compiles one small function in a fresh process after turning the cache on, with JAX imported before
+# (as the entry points do) or after (JAX then reads the settings from the environment).
+_COMPILE_ONE = """
+import sys
+if sys.argv[1] == "jax_first":
+    import jax
 from imgclf_jax import cli
 print(cli.use_compilation_cache())
+import jax, jax.numpy as jnp
 jax.monitoring.register_event_listener(lambda event, **kwargs: print(event.rsplit("/", 1)[-1]))
 jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
 """
@@ -59,17 +64,18 @@ def test_compiled_functions_are_kept_on_disk_for_the_next_run(tmp_path):
     env = dict(os.environ, IMGCLF_CACHE_DIR=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
 
-    def run(**extra):
-        result = subprocess.run([sys.executable, "-c", _COMPILE_TWICE], env=dict(env, **extra),
+    def run(order, **extra):
+        result = subprocess.run([sys.executable, "-c", _COMPILE_ONE, order], env=dict(env, **extra),
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         return result.stdout.split()
 
-    first, second = run(), run()
+    first, second = run("cli_first"), run("jax_first")
     cache = first[0]
     assert os.path.dirname(cache) == str(tmp_path) and os.path.basename(cache).startswith("xla-")
     assert "cache_misses" in first and "cache_hits" not in first  # Compiled, then written to disk...
     assert os.listdir(cache)
+    assert second[0] == cache
     assert "cache_hits" in second and "cache_misses" not in second  # ...and loaded by the next process.
-    off = run(IMGCLF_COMPILATION_CACHE="0")
+    off = run("jax_first", IMGCLF_COMPILATION_CACHE="0")
     assert off[0] == "None" and "cache_hits" not in off
