@@ -46,7 +46,7 @@ def load_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
     loss_kind = losses.resolve_loss(config.loss, len(class_names))
     model = models.create_model(config, losses.num_outputs(loss_kind, len(class_names)))
     optimizer = train.create_optimizer(config, train.create_learning_rate_fn(config, steps_per_epoch=1))
-    target = train.abstract_train_state(model, config.image_size, optimizer)
+    target = train.abstract_train_state(model, config.image_size, optimizer, ema=config.ema_decay > 0)
 
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     steps = checkpointer.all_steps()
@@ -71,7 +71,7 @@ def make_predict_fn(run: TrainedRun, tta: str = "none") -> Callable[[np.ndarray]
     """
     if tta not in ("none", "flip"):
         raise UserError(f"--tta must be 'none' or 'flip' (got {tta!r})")
-    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+    variables = train.eval_variables(run.state)
     apply = functools.partial(run.state.apply_fn, train=False)
 
     @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options())

@@ -247,9 +247,11 @@ def to_float(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(image, tf.float32) / 255.0
 
 
-def augment(image: tf.Tensor, seed: tf.Tensor, cfg: ml_collections.ConfigDict) -> tf.Tensor:
-    """Random training augmentation of one float [0, 1] image, fully determined by `seed` (shape [2])."""
-    size = image.shape[0]
+def augment(image: tf.Tensor, seed: tf.Tensor, cfg: ml_collections.ConfigDict,
+            size: Optional[int] = None) -> tf.Tensor:
+    """Random training augmentation of one float [0, 1] image, fully determined by `seed` (shape [2]);
+    the result is `size` pixels square (default: the image's own size)."""
+    size = size or image.shape[0]
     seeds = tf.random.experimental.stateless_split(seed, num=6)
     if cfg.crop_area_min < 1.0:  # Random-resized crop (area fraction, aspect 3/4..4/3), back to size.
         begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -257,6 +259,8 @@ def augment(image: tf.Tensor, seed: tf.Tensor, cfg: ml_collections.ConfigDict) -
             aspect_ratio_range=(3 / 4, 4 / 3), area_range=(cfg.crop_area_min, 1.0),
             max_attempts=10, use_image_if_no_bounding_boxes=True)
         image = tf.slice(image, begin, crop_size)
+        image = tf.image.resize(image, [size, size], antialias=True)
+    elif image.shape[0] != size:
         image = tf.image.resize(image, [size, size], antialias=True)
     if cfg.flip:
         image = tf.image.stateless_random_flip_left_right(image, seeds[1])
@@ -314,8 +318,12 @@ def train_batches(
     epoch: int,
     augment_config: Optional[ml_collections.ConfigDict],
     rows: Optional[tuple[int, int]] = None,
+    image_size: Optional[int] = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of shuffled, augmented full batches; the same (seed, epoch) gives the same batches.
+
+    `image_size` resizes the (augmented) images for this epoch, e.g. smaller than they were prepared at
+    for progressive resizing; default: as prepared.
 
     `rows` = (start, stop) keeps only those rows of each global batch (a process's share in a multi-process
     run); the order and each image's augmentation depend on its global position only, so every layout of
@@ -333,7 +341,10 @@ def train_batches(
         image, label = example
         image = to_float(image)
         if augment_config is not None:
-            image = augment(image, tf.stack([tf.constant(this_epoch, tf.int64), index]), augment_config)
+            image = augment(image, tf.stack([tf.constant(this_epoch, tf.int64), index]), augment_config,
+                            image_size)
+        elif image_size and image_size != image.shape[0]:
+            image = tf.image.resize(image, [image_size, image_size], antialias=True)
         return {"image": image, "label": label}
 
     ds = ds.map(_plain_graph(process), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

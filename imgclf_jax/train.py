@@ -46,6 +46,32 @@ class TrainState(train_state.TrainState):
     dropout_key: jax.Array
 
 
+class EmaTrainState(TrainState):
+    """A TrainState that also keeps an exponential moving average of the weights and batch-norm statistics
+    (`config.ema_decay` > 0): {"params": ..., "batch_stats": ...}. A subclass, so that runs without it keep
+    the checkpoint layout they always had."""
+
+    ema: Any
+
+
+def eval_variables(state: TrainState) -> dict[str, Any]:
+    """The variables to evaluate and predict with: the weights' moving average where the run keeps one."""
+    if isinstance(state, EmaTrainState):
+        return dict(state.ema)
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def update_ema(state: EmaTrainState, decay: float) -> EmaTrainState:
+    """Moves the average of params and batch statistics towards the current ones. The effective decay
+    starts low, min(decay, (1 + step) / (10 + step)) as in tf.train.ExponentialMovingAverage, so early
+    averages do not keep the random initialisation."""
+    step = state.step.astype(jnp.float32)
+    rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    current = {"params": state.params, "batch_stats": state.batch_stats}
+    ema = jax.tree_util.tree_map(lambda avg, x: rate * avg + (1.0 - rate) * x, dict(state.ema), current)
+    return state.replace(ema=ema)
+
+
 # Folded into the step's dropout key for MixUp/CutMix, so dropout draws stay as they are without mixing.
 _MIX_KEY_STREAM = 0x6D6978
 
@@ -79,6 +105,19 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
     return optax.constant_schedule(config.learning_rate)
 
 
+def train_image_size(config: ml_collections.ConfigDict, epoch: int) -> int:
+    """The training image size of `epoch` (1-based): config.image_size, or with progressive resizing
+    (config.progressive.start_size > 0) the size of the epoch's stage, rounded to a multiple of 8."""
+    start, stages = config.progressive.start_size, config.progressive.stages
+    if not start or stages == 1:
+        return config.image_size
+    stage = min(stages - 1, (epoch - 1) * stages // config.epochs)
+    if stage == stages - 1:
+        return config.image_size
+    size = start + (config.image_size - start) * stage / (stages - 1)
+    return max(8, int(round(size / 8)) * 8)
+
+
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
     """Adam, or AdamW (decoupled weight decay, not applied to biases and norm scales) if weight_decay > 0."""
     if config.weight_decay > 0:
@@ -93,31 +132,31 @@ def create_train_state(
     optimizer: optax.GradientTransformation,
     seed: int,
     mesh: Optional[jax.sharding.Mesh] = None,
+    ema: bool = False,
 ) -> TrainState:
-    """A fresh state from `seed`; with a `mesh`, replicated on every device of it."""
-    create = functools.partial(_initial_state, model, image_size, optimizer, seed)
+    """A fresh state from `seed`; with a `mesh`, replicated on every device of it; with `ema`, keeping a
+    moving average of the weights (which starts as a copy of them)."""
+    create = functools.partial(_initial_state, model, image_size, optimizer, seed, ema)
     return jax.jit(create, out_shardings=parallel.replicated(mesh) if mesh is not None else None,
                    compiler_options=xla_cpu.one_off_compiler_options())()
 
 
 def abstract_train_state(
-    model: flax.linen.Module, image_size: int, optimizer: optax.GradientTransformation,
+    model: flax.linen.Module, image_size: int, optimizer: optax.GradientTransformation, ema: bool = False,
 ) -> TrainState:
     """The state's structure, shapes and dtypes without computing it: a restore target (nothing compiled)."""
-    return jax.eval_shape(functools.partial(_initial_state, model, image_size, optimizer, 0))
+    return jax.eval_shape(functools.partial(_initial_state, model, image_size, optimizer, 0, ema))
 
 
 def _initial_state(model: flax.linen.Module, image_size: int, optimizer: optax.GradientTransformation,
-                   seed: int) -> TrainState:
+                   seed: int, ema: bool) -> TrainState:
     params_key, dropout_key = jax.random.split(jax.random.key(seed))
     variables = model.init(params_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
-    return TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        tx=optimizer,
-        batch_stats=variables.get("batch_stats", {}),
-        dropout_key=jax.random.key_data(dropout_key),
-    )
+    fields = dict(apply_fn=model.apply, params=variables["params"], tx=optimizer,
+                  batch_stats=variables.get("batch_stats", {}), dropout_key=jax.random.key_data(dropout_key))
+    if ema:
+        return EmaTrainState.create(**fields, ema={"params": fields["params"], "batch_stats": fields["batch_stats"]})
+    return TrainState.create(**fields)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,12 +165,13 @@ def _initial_state(model: flax.linen.Module, image_size: int, optimizer: optax.G
 
 def train_step(
     state: TrainState, batch: dict[str, jax.Array], loss_kind: str, label_smoothing: float,
-    mix_config: Optional[ml_collections.ConfigDict] = None,
+    mix_config: Optional[ml_collections.ConfigDict] = None, ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on one batch; returns the new state and the batch's mean loss and accuracy.
 
     With `mix_config` (config.mix) enabled, the batch is first mixed (MixUp/CutMix, imgclf_jax.mixing); the
-    accuracy is then measured against each image's larger share of label.
+    accuracy is then measured against each image's larger share of label. A state with `ema` also updates
+    its moving average (`ema_decay`).
     """
     dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
     images, labels = batch["image"], batch["label"]
@@ -158,6 +198,8 @@ def train_step(
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+    if isinstance(state, EmaTrainState):
+        state = update_ema(state, ema_decay)
     majority_labels = jnp.where(lam >= 0.5, labels, partner_labels)
     correct = losses.predicted_class(logits, loss_kind) == majority_labels
     return state, {"loss": loss, "accuracy": correct.mean()}
@@ -165,9 +207,7 @@ def train_step(
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], loss_kind: str) -> dict[str, jax.Array]:
     """Sums over the real (mask 1) examples of a padded batch, plus the logits for reports."""
-    logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
-    )
+    logits = state.apply_fn(eval_variables(state), batch["image"], train=False)
     mask = batch["mask"]
     loss = losses.per_example_loss(logits, batch["label"], loss_kind)
     correct = (losses.predicted_class(logits, loss_kind) == batch["label"]).astype(jnp.float32)
@@ -292,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
     model = models.create_model(config, losses.num_outputs(loss_kind, len(class_names)))
     state = create_train_state(model, config.image_size, create_optimizer(config, learning_rate_fn), config.seed,
-                               mesh)
+                               mesh, ema=config.ema_decay > 0)
     log.info(
         "Model: %s, %s parameters, %s cross-entropy, %s compute; %d steps of %d images per epoch on %s.",
         config.model, f"{models.count_params(state.params):,}", loss_kind, config.dtype, steps_per_epoch,
@@ -321,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     state_sharding, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     train_fn = jax.jit(
         functools.partial(train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing,
-                          mix_config=config.mix),
+                          mix_config=config.mix, ema_decay=config.ema_decay),
         in_shardings=(state_sharding, data_sharding),
         out_shardings=(state_sharding, parallel.replicated(mesh)),
         donate_argnums=0,
@@ -339,9 +379,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             epoch_start = time.perf_counter()
+            image_size = train_image_size(config, epoch)
+            if config.progressive.start_size and (
+                    epoch == start_epoch + 1 or image_size != train_image_size(config, epoch - 1)):
+                log.info("Progressive resizing: training at %d px from epoch %d.", image_size, epoch)
             batches = input_pipeline.train_batches(
                 train_images, train_split.num_examples, config.batch_size, config.seed, epoch, augment_config,
-                rows,
+                rows, image_size,
             )
             state, step_metrics = train_epoch(train_step_fn, state, batches, steps_per_epoch, config.batch_size,
                                               f"epoch {epoch}/{config.epochs}")
@@ -365,6 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                 "learning_rate": float(learning_rate_fn(int(state.step) - 1)),
                 "epoch_time_s": time.perf_counter() - epoch_start,
                 "train_images_per_s": len(step_metrics) * config.batch_size / train_seconds,
+                "train_image_size": image_size,
             }
             if is_main:
                 metrics_log.append(record)

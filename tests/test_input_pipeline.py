@@ -70,6 +70,23 @@ def test_train_batches_are_a_function_of_seed_and_epoch(two_class_dir):
     assert sorted(np.concatenate([b["label"] for b in first]).tolist()) == [0] * 24 + [1] * 24
 
 
+@pytest.mark.parametrize("augmented", [True, False])
+def test_train_batches_can_be_smaller_than_prepared(two_class_dir, augmented):
+    _, split, prepared = _prepared(two_class_dir)  # Prepared at 16 px.
+    augment = config_lib.base_config().augment
+    augment.update(flip=True, crop_area_min=0.5 if augmented else 1.0)
+    small = list(input_pipeline.train_batches(prepared, split.num_examples, 8, 0, 1, augment, image_size=8))
+    assert small[0]["image"].shape == (8, 8, 8, 3)
+    full = list(input_pipeline.train_batches(prepared, split.num_examples, 8, 0, 1, augment))
+    assert full[0]["image"].shape == (8, 16, 16, 3)
+    # The same images in the same order: each small one is its full-size twin, scaled down.
+    for a, b in zip(small, full):
+        np.testing.assert_array_equal(a["label"], b["label"])
+    if not augmented:
+        shrunk = tf.image.resize(full[0]["image"], [8, 8], antialias=True).numpy()
+        np.testing.assert_allclose(small[0]["image"], np.clip(shrunk, 0, 1), atol=1e-5)
+
+
 def test_eval_batches_count_every_example_once(two_class_dir):
     _, split, prepared = _prepared(two_class_dir, split="validation")
     for batch_size in (1, 5, 16, 64):

@@ -17,7 +17,8 @@ from imgclf_jax.metrics import REQUIRED_KEYS, read_metrics
 def _state(config, num_outputs):
     model = models.create_model(config, num_outputs)
     lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
-    return train.create_train_state(model, config.image_size, train.create_optimizer(config, lr), config.seed)
+    return train.create_train_state(model, config.image_size, train.create_optimizer(config, lr), config.seed,
+                                    ema=config.ema_decay > 0)
 
 
 @pytest.mark.parametrize("loss_kind, num_classes", [("sigmoid", 2), ("softmax", 3)])
@@ -63,6 +64,62 @@ def test_mixed_train_step_loss_is_the_lam_weighted_loss_of_both_labels(tiny_conf
     plain = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=0.1))
     _, unmixed = plain(state, batch)
     assert float(unmixed["loss"]) != pytest.approx(float(reported["loss"]), rel=1e-3)
+
+
+def test_weight_average_follows_each_step_and_is_what_evaluation_uses(tiny_config):
+    tiny_config.cnn.batch_norm = True
+    tiny_config.ema_decay = 0.5
+    state = _state(tiny_config, 1)
+    assert isinstance(state, train.EmaTrainState)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
+             "label": (np.arange(8) % 2).astype(np.int32)}
+    step = jax.jit(functools.partial(train.train_step, loss_kind="sigmoid", label_smoothing=0.0, ema_decay=0.5))
+    average = {"params": state.params, "batch_stats": state.batch_stats}
+    for n in range(1, 4):
+        state, _ = step(state, batch)
+        rate = min(0.5, (1 + n) / (10 + n))  # The step number after the update is n.
+        average = jax.tree_util.tree_map(lambda a, x: rate * a + (1 - rate) * x, average,
+                                         {"params": state.params, "batch_stats": state.batch_stats})
+    for a, b in zip(jax.tree_util.tree_leaves(average), jax.tree_util.tree_leaves(state.ema)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(jax.tree_util.tree_leaves(state.ema["params"])[0],
+                           jax.tree_util.tree_leaves(state.params)[0])
+
+    evaluated = train.eval_step(state, {**batch, "mask": np.ones(8, np.float32)}, "sigmoid")
+    expected = state.apply_fn(state.ema, batch["image"], train=False)
+    np.testing.assert_allclose(evaluated["logits"], expected, rtol=1e-5)
+
+
+def test_run_with_a_weight_average_restores_it_for_prediction(tiny_config, two_class_dir, tmp_path):
+    from imgclf_jax import inference
+
+    tiny_config.update(data_dir=str(two_class_dir), ema_decay=0.9)
+    train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+    run = inference.load_run(str(tmp_path / "w"))
+    assert isinstance(run.state, train.EmaTrainState)
+    images = np.random.default_rng(1).uniform(size=(4, 16, 16, 3)).astype(np.float32)
+    probs = inference.make_predict_fn(run)(images)
+    expected = losses.probabilities(run.state.apply_fn(run.state.ema, images, train=False), "sigmoid")
+    np.testing.assert_allclose(probs, expected, rtol=1e-5)
+
+
+def test_progressive_resizing_stages(tiny_config):
+    tiny_config.update(image_size=80, epochs=8)
+    assert {train.train_image_size(tiny_config, e) for e in range(1, 9)} == {80}
+    tiny_config.progressive.update(start_size=48, stages=4)
+    assert [train.train_image_size(tiny_config, e) for e in range(1, 9)] == [48, 48, 56, 56, 72, 72, 80, 80]
+    tiny_config.progressive.stages = 1
+    assert {train.train_image_size(tiny_config, e) for e in range(1, 9)} == {80}
+
+
+def test_progressive_run_trains_small_then_full_size(tiny_config, two_class_dir, tmp_path):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=2)
+    tiny_config.cnn.global_pool = True
+    tiny_config.progressive.update(start_size=8, stages=2)
+    records = train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+    assert [r["train_image_size"] for r in records] == [8, 16]
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in records)
 
 
 def test_learning_rate_schedules(tiny_config):
@@ -160,6 +217,9 @@ def test_three_classes_use_softmax_and_a_held_out_split(tiny_config, flat_three_
     ("resize", "stretch", "resize must be"),
     ("mix.mixup_alpha", -1.0, "mix.mixup_alpha must be >= 0"),
     ("mix.prob", 1.5, r"mix.prob must be in \[0, 1\]"),
+    ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
+    ("progressive.start_size", 32, r"must not exceed image_size \(16\)"),
+    ("progressive.start_size", 8, "needs a model that pools globally"),
 ])
 def test_bad_config_values_are_refused_before_reading_data(tiny_config, tmp_path, field, value, message):
     tiny_config.data_dir = str(tmp_path / "does_not_matter")
