@@ -51,11 +51,11 @@ def base_config() -> ml_collections.ConfigDict:
     # on, each mixed batch uses one of them at random; `prob` is the share of batches mixed at all.
     c.mix = ml_collections.ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0))
 
-    # Progressive resizing: with start_size > 0, the epochs run in `stages` equal parts at training image
-    # sizes rising evenly from start_size to image_size (multiples of 8); validation, evaluate and predict
-    # always use image_size. An early epoch costs about (size / image_size)^2 of a full one, so the same time
-    # buys more epochs. Needs a model that pools globally (resnet, or cnn with global_pool).
-    c.progressive = ml_collections.ConfigDict(dict(start_size=0, stages=4))
+    # Progressive resizing: with start_scale > 0, the epochs run in `stages` equal parts whose training image
+    # sizes rise evenly from start_scale * image_size to image_size (multiples of 8); validation, evaluate and
+    # predict always use image_size. An early epoch costs about (size / image_size)^2 of a full one, so the
+    # same time buys more epochs. Needs a model that pools globally (resnet, or cnn with global_pool).
+    c.progressive = ml_collections.ConfigDict(dict(start_scale=0.0, stages=4))
 
     # Model: `model` picks the network; its settings live in the sub-config of the same name.
     c.model = "cnn"
@@ -157,15 +157,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"weight_decay must be >= 0 (got {config.weight_decay!r})")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise UserError(f"label_smoothing must be in [0, 1) (got {config.label_smoothing!r})")
-    if config.progressive.start_size:
-        require_positive_int("progressive.start_size", config.progressive.start_size)
+    if config.progressive.start_scale:
+        if not 0.0 < config.progressive.start_scale <= 1.0:
+            raise UserError(f"progressive.start_scale must be in [0, 1] (got {config.progressive.start_scale!r})")
         require_positive_int("progressive.stages", config.progressive.stages)
-        if config.progressive.start_size > config.image_size:
-            raise UserError(f"progressive.start_size ({config.progressive.start_size}) must not exceed "
-                            f"image_size ({config.image_size})")
         if config.model == "tutorial_cnn" or (config.model == "cnn" and not config.cnn.global_pool):
             raise UserError(f"progressive resizing needs a model that pools globally (resnet, or cnn with "
-                            f"cnn.global_pool=True); '{config.model}' flattens a fixed-size feature map")
+                            f"cnn.global_pool=True), not '{config.model}'; or train at one size with "
+                            "--config.progressive.start_scale=0")
     if not 0.0 <= config.ema_decay < 1.0:
         raise UserError(f"ema_decay must be in [0, 1) (got {config.ema_decay!r})")
     if config.warmup_epochs < 0:

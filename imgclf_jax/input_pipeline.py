@@ -11,13 +11,36 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
+import types
 from typing import Iterator, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
+
+
+def _import_tensorflow() -> types.ModuleType:
+    """`import tensorflow`, without the Keras it imports eagerly at the end ("keras.src.optimizers", for
+    SavedModel registrations we never use): that is all of Keras, plus scikit-learn for Keras's wrappers
+    where it is installed, about 2 s of every command's start-up. A placeholder stands in for that one module
+    while TensorFlow loads and is removed afterwards, so a later `import keras` (or `tf.keras`) loads as usual.
+    """
+    name = "keras.src.optimizers"
+    if "tensorflow" in sys.modules or "keras" in sys.modules or name in sys.modules:
+        import tensorflow
+        return tensorflow
+    placeholder = sys.modules[name] = types.ModuleType(name)
+    try:
+        import tensorflow
+    finally:
+        if sys.modules.get(name) is placeholder:
+            del sys.modules[name]
+    return tensorflow
+
+
+tf = _import_tensorflow()
 
 from imgclf_jax import demo_data, folders, image_io
 from imgclf_jax.errors import UserError

@@ -107,14 +107,14 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
 
 def train_image_size(config: ml_collections.ConfigDict, epoch: int) -> int:
     """The training image size of `epoch` (1-based): config.image_size, or with progressive resizing
-    (config.progressive.start_size > 0) the size of the epoch's stage, rounded to a multiple of 8."""
-    start, stages = config.progressive.start_size, config.progressive.stages
-    if not start or stages == 1:
+    (config.progressive.start_scale > 0) the size of the epoch's stage, rounded to a multiple of 8."""
+    scale, stages = config.progressive.start_scale, config.progressive.stages
+    if not scale or stages == 1:
         return config.image_size
     stage = min(stages - 1, (epoch - 1) * stages // config.epochs)
     if stage == stages - 1:
         return config.image_size
-    size = start + (config.image_size - start) * stage / (stages - 1)
+    size = config.image_size * (scale + (1.0 - scale) * stage / (stages - 1))
     return max(8, int(round(size / 8)) * 8)
 
 
@@ -170,8 +170,8 @@ def train_step(
     """One optimizer step on one batch; returns the new state and the batch's mean loss and accuracy.
 
     With `mix_config` (config.mix) enabled, the batch is first mixed (MixUp/CutMix, imgclf_jax.mixing); the
-    accuracy is then measured against each image's larger share of label. A state with `ema` also updates
-    its moving average (`ema_decay`).
+    accuracy is then measured against each image's larger share of label. An EmaTrainState also moves its
+    weight average (`ema_decay`).
     """
     dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
     images, labels = batch["image"], batch["label"]
@@ -380,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         for epoch in range(start_epoch + 1, config.epochs + 1):
             epoch_start = time.perf_counter()
             image_size = train_image_size(config, epoch)
-            if config.progressive.start_size and (
+            if config.progressive.start_scale and (
                     epoch == start_epoch + 1 or image_size != train_image_size(config, epoch - 1)):
                 log.info("Progressive resizing: training at %d px from epoch %d.", image_size, epoch)
             batches = input_pipeline.train_batches(

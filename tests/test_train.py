@@ -107,7 +107,7 @@ def test_run_with_a_weight_average_restores_it_for_prediction(tiny_config, two_c
 def test_progressive_resizing_stages(tiny_config):
     tiny_config.update(image_size=80, epochs=8)
     assert {train.train_image_size(tiny_config, e) for e in range(1, 9)} == {80}
-    tiny_config.progressive.update(start_size=48, stages=4)
+    tiny_config.progressive.update(start_scale=0.6, stages=4)  # 48 px, then 58.7 and 69.3 px rounded.
     assert [train.train_image_size(tiny_config, e) for e in range(1, 9)] == [48, 48, 56, 56, 72, 72, 80, 80]
     tiny_config.progressive.stages = 1
     assert {train.train_image_size(tiny_config, e) for e in range(1, 9)} == {80}
@@ -116,7 +116,7 @@ def test_progressive_resizing_stages(tiny_config):
 def test_progressive_run_trains_small_then_full_size(tiny_config, two_class_dir, tmp_path):
     tiny_config.update(data_dir=str(two_class_dir), epochs=2)
     tiny_config.cnn.global_pool = True
-    tiny_config.progressive.update(start_size=8, stages=2)
+    tiny_config.progressive.update(start_scale=0.5, stages=2)
     records = train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
     assert [r["train_image_size"] for r in records] == [8, 16]
     assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in records)
@@ -218,8 +218,8 @@ def test_three_classes_use_softmax_and_a_held_out_split(tiny_config, flat_three_
     ("mix.mixup_alpha", -1.0, "mix.mixup_alpha must be >= 0"),
     ("mix.prob", 1.5, r"mix.prob must be in \[0, 1\]"),
     ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
-    ("progressive.start_size", 32, r"must not exceed image_size \(16\)"),
-    ("progressive.start_size", 8, "needs a model that pools globally"),
+    ("progressive.start_scale", 1.5, r"progressive.start_scale must be in \[0, 1\]"),
+    ("progressive.start_scale", 0.5, "needs a model that pools globally"),
 ])
 def test_bad_config_values_are_refused_before_reading_data(tiny_config, tmp_path, field, value, message):
     tiny_config.data_dir = str(tmp_path / "does_not_matter")
