@@ -29,7 +29,7 @@ def _define_flags() -> None:
 
     config_flags.DEFINE_config_file("config", None, "Config file to check.", lock_config=True)
     flags.DEFINE_string("data_dir", None, "Dataset folder (train/ and validation/ or test/).", required=True)
-    flags.DEFINE_string("workdir", None, "Work directory (default: a new temporary one).")
+    flags.DEFINE_string("workdir", None, "Work directory, new or empty (default: a new temporary one).")
     flags.DEFINE_float("expect", 0.0, "Accuracy the best checkpoint must reach on the scored split.")
     flags.DEFINE_float("max_minutes", 0.0, "Training time budget in minutes (0 = no limit).")
     flags.DEFINE_string("split", "validation", "Split scored with the best checkpoint.")
@@ -43,6 +43,9 @@ def main(argv) -> None:
     config = FLAGS.config
     config_lib.apply_overrides(config, data_dir=FLAGS.data_dir)
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix=f"accuracy_{config.name}_")
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        # train would resume the run in it, and the time and accuracy would not be a run from scratch's.
+        raise SystemExit(f"work directory {workdir} is not empty: give a new one")
     start = time.perf_counter()
     records = train.train_and_evaluate(config, workdir)
     minutes = (time.perf_counter() - start) / 60
