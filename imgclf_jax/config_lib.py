@@ -195,13 +195,37 @@ def write_json(path: str, value: Any, sort_keys: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def save_config(config: ml_collections.ConfigDict, path: str) -> None:
-    """Saves the resolved config; folders are made absolute so evaluate/report work from any directory."""
+def _saved_form(config: ml_collections.ConfigDict) -> dict:
+    """The config as saved: JSON types, with folders made absolute so evaluate/report work from anywhere."""
     data = to_json_dict(config)
     for key in ("data_dir", "tfds_data_dir"):
         if data.get(key):
             data[key] = os.path.abspath(os.path.expanduser(data[key]))
-    write_json(path, data, sort_keys=True)
+    return data
+
+
+def save_config(config: ml_collections.ConfigDict, path: str) -> None:
+    """Saves the resolved config (see `_saved_form`)."""
+    write_json(path, _saved_form(config), sort_keys=True)
+
+
+def changes_from_saved(path: str, config: ml_collections.ConfigDict) -> list[str]:
+    """'field: saved -> now' for every field in which `config` differs from the one saved at `path`."""
+    with open(path) as f:
+        saved = _flatten(json.load(f))
+    now = _flatten(_saved_form(config))
+    return [f"{key}: {saved.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
+            for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def load_saved_config(path: str) -> ml_collections.ConfigDict:

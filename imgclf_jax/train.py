@@ -318,9 +318,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_classes(workdir, class_names)
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    config_changes = config_lib.changes_from_saved(config_path, config) if os.path.exists(config_path) else []
     if is_main:
         config_lib.write_json(os.path.join(workdir, CLASSES_FILE), class_names)
-        config_lib.save_config(config, os.path.join(workdir, CONFIG_FILE))
+        config_lib.save_config(config, config_path)
         _write_skipped(workdir, source.skipped)
     log.info(
         "Data: %s; %d classes (%s); %d training and %d validation images (validation: %s).",
@@ -353,6 +355,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         state, meta, step = restored
         start_epoch = int(meta["epoch"])
         log.info("Resuming from the checkpoint of epoch %d (step %d) in %s.", start_epoch, step, workdir)
+        if config_changes:
+            log.warning("The run in %s was started with another config; it goes on with this one's values, "
+                        "which mixes two recipes (use a new --workdir to start afresh): %s", workdir,
+                        "; ".join(config_changes))
     if is_main:
         metrics_log.keep_up_to(start_epoch)
     if start_epoch >= config.epochs:

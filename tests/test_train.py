@@ -161,13 +161,14 @@ def test_two_epoch_run_writes_every_output_then_resumes(tiny_config, two_class_d
     caplog.set_level("INFO")
     records = train.train_and_evaluate(tiny_config, str(workdir))
     assert "Resuming from the checkpoint of epoch 2" in caplog.text
+    assert "started with another config" in caplog.text and "epochs: 2 -> 3" in caplog.text
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert len((workdir / "metrics.csv").read_text().splitlines()) == 4
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 18
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tiny_config, two_class_dir, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_weights(tiny_config, two_class_dir, tmp_path, monkeypatch, caplog):
     tiny_config.update(data_dir=str(two_class_dir), epochs=3, lr_schedule="cosine", warmup_epochs=0.5)
     tiny_config.cnn.dropout = 0.2
     tiny_config.augment.update(enabled=True, flip=True, crop_area_min=0.6)
@@ -185,7 +186,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, two_class_dir,
         train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
     assert [r["epoch"] for r in read_metrics(str(tmp_path / "resumed"))] == [1, 2]
     monkeypatch.setattr(input_pipeline, "train_batches", real_batches)
+    caplog.set_level("INFO")
     train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    assert "Resuming from the checkpoint of epoch 2" in caplog.text
+    assert "another config" not in caplog.text  # The same config: nothing to warn about.
 
     def final_params(name):
         config_state = _state(tiny_config, 1)
