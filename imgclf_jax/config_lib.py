@@ -210,9 +210,14 @@ def save_config(config: ml_collections.ConfigDict, path: str) -> None:
 
 
 def changes_from_saved(path: str, config: ml_collections.ConfigDict) -> list[str]:
-    """'field: saved -> now' for every field in which `config` differs from the one saved at `path`."""
-    with open(path) as f:
-        saved = _flatten(json.load(f))
+    """'field: saved -> now' for every field in which `config` differs from the one saved at `path`. A field
+    that an older version did not save counts as its default here."""
+    try:
+        with open(path) as f:
+            saved = _flatten(json.load(f))
+    except (OSError, ValueError) as e:
+        return [f"{path} could not be read ({e})"]
+    saved = {**_flatten(_saved_form(base_config())), **saved}
     now = _flatten(_saved_form(config))
     return [f"{key}: {saved.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
             for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]

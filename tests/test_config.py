@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from imgclf_jax import config_lib
@@ -64,3 +66,21 @@ def test_bad_augment_setting_is_named():
     config.augment.crop_area_min = 0.0
     with pytest.raises(UserError, match=r"augment.crop_area_min must be in \(0, 1\] \(got 0.0\)"):
         config_lib.validate(config)
+
+
+def test_changes_from_saved_names_changed_fields_only(tmp_path):
+    config = config_lib.load_config_file("default.py")
+    path = tmp_path / "config.json"
+    config_lib.save_config(config, str(path))
+    assert config_lib.changes_from_saved(str(path), config) == []
+
+    saved = json.loads(path.read_text())
+    del saved["ema_decay"]  # As written by a version without the field: read as its default (0.0).
+    path.write_text(json.dumps(saved))
+    changed = config_lib.load_config_file("default.py")
+    changed.epochs = 7
+    assert config_lib.changes_from_saved(str(path), changed) == [
+        f"ema_decay: 0.0 -> {config.ema_decay}", f"epochs: {config.epochs} -> 7"]
+
+    path.write_text("{not json")
+    assert "could not be read" in config_lib.changes_from_saved(str(path), config)[0]
