@@ -149,7 +149,7 @@ def abstract_train_state(
 
 
 def _initial_state(model: flax.linen.Module, image_size: int, optimizer: optax.GradientTransformation,
-                   seed: int, ema: bool) -> TrainState:
+                   seed: int, ema: bool = False) -> TrainState:
     params_key, dropout_key = jax.random.split(jax.random.key(seed))
     variables = model.init(params_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
     fields = dict(apply_fn=model.apply, params=variables["params"], tx=optimizer,
