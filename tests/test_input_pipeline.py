@@ -92,7 +92,7 @@ def test_train_batches_can_be_smaller_than_prepared(two_class_dir, augmented):
     assert small[0]["image"].shape == (8, 8, 8, 3)
     full = list(input_pipeline.train_batches(prepared, split.num_examples, 8, 0, 1, augment))
     assert full[0]["image"].shape == (8, 16, 16, 3)
-    # The same images in the same order: each small one is its full-size twin, scaled down.
+    # The same images in the same order; without augmentation each small one is its full-size twin, scaled down.
     for a, b in zip(small, full):
         np.testing.assert_array_equal(a["label"], b["label"])
     if not augmented:
