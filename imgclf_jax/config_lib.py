@@ -77,7 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = "auto"
     c.label_smoothing = 0.0
 
-    # Optimisation: Adam, or AdamW when weight_decay > 0; optional warmup + cosine decay.
+    # Optimisation: 'adam' (AdamW when weight_decay > 0: decoupled decay, scaled by the learning rate) or
+    # 'sgd' (Nesterov momentum; weight_decay is then an L2 term added to the gradient, as in
+    # torch.optim.SGD, typically 5e-4); optional warmup + cosine decay. Biases and norm scales never decay.
+    c.optimizer = "adam"
+    c.momentum = 0.9  # sgd only.
     c.epochs = 10
     c.batch_size = 32
     c.learning_rate = 1e-3
@@ -153,6 +157,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         require_positive_int(field, config[field])
     if not math.isfinite(config.learning_rate) or config.learning_rate < 0:
         raise UserError(f"learning_rate must be a non-negative number (got {config.learning_rate!r})")
+    if config.optimizer not in ("adam", "sgd"):
+        raise UserError(f"optimizer must be 'adam' or 'sgd' (got {config.optimizer!r})")
+    if not 0.0 <= config.momentum < 1.0:
+        raise UserError(f"momentum must be in [0, 1) (got {config.momentum!r})")
     if config.weight_decay < 0:
         raise UserError(f"weight_decay must be >= 0 (got {config.weight_decay!r})")
     if not 0.0 <= config.label_smoothing < 1.0:

@@ -119,9 +119,15 @@ def train_image_size(config: ml_collections.ConfigDict, epoch: int) -> int:
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
-    """Adam, or AdamW (decoupled weight decay, not applied to biases and norm scales) if weight_decay > 0."""
+    """Adam, or AdamW if weight_decay > 0; or SGD with Nesterov momentum and an L2 term. Weight decay never
+    applies to biases and norm scales (1-d parameters)."""
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+    if config.optimizer == "sgd":
+        sgd = optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.momentum > 0)
+        if config.weight_decay > 0:
+            return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask), sgd)
+        return sgd
     if config.weight_decay > 0:
-        decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
         return optax.adamw(learning_rate_fn, weight_decay=config.weight_decay, mask=decay_mask)
     return optax.adam(learning_rate_fn)
 

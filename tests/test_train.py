@@ -131,6 +131,17 @@ def test_learning_rate_schedules(tiny_config):
     assert float(train.create_learning_rate_fn(tiny_config, 10)(37)) == pytest.approx(0.1)
 
 
+def test_sgd_step_is_nesterov_momentum_with_l2_on_weights_only(tiny_config):
+    tiny_config.update(optimizer="sgd", momentum=0.9, weight_decay=0.01, learning_rate=0.1)
+    optimizer = train.create_optimizer(tiny_config, train.create_learning_rate_fn(tiny_config, 10))
+    params = {"kernel": np.full((2, 2), 2.0, np.float32), "bias": np.full((2,), 2.0, np.float32)}
+    grads = {"kernel": np.full((2, 2), 0.5, np.float32), "bias": np.full((2,), 0.5, np.float32)}
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    # First step: momentum buffer m = g (+ 0.01 * p for weights); Nesterov steps by lr * (g + 0.9 * m).
+    np.testing.assert_allclose(updates["kernel"], -0.1 * 1.9 * (0.5 + 0.01 * 2.0), rtol=1e-6)
+    np.testing.assert_allclose(updates["bias"], -0.1 * 1.9 * 0.5, rtol=1e-6)
+
+
 def test_evaluation_counts_each_example_once_whatever_the_batch_size(tiny_config, two_class_dir):
     state = _state(tiny_config, 1)
     source = input_pipeline.load_folder_source(str(two_class_dir), 0.2, 0, 16, 10**8)
@@ -222,6 +233,8 @@ def test_three_classes_use_softmax_and_a_held_out_split(tiny_config, flat_three_
     ("mix.mixup_alpha", -1.0, "mix.mixup_alpha must be >= 0"),
     ("mix.prob", 1.5, r"mix.prob must be in \[0, 1\]"),
     ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
+    ("optimizer", "lamb", "optimizer must be 'adam' or 'sgd'"),
+    ("momentum", 1.0, r"momentum must be in \[0, 1\)"),
     ("progressive.start_scale", 1.5, r"progressive.start_scale must be in \[0, 1\]"),
     ("progressive.start_scale", 0.5, "needs a model that pools globally"),
 ])
