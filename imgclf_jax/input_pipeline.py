@@ -1,9 +1,10 @@
-"""The tf.data input pipeline: decode, resize, cache, shuffle, augment, batch, prefetch.
+"""The tf.data input pipeline: decode, resize, cache, shuffle, batch, prefetch.
 
 Every source (an image folder, a TFDS dataset, the built-in demo) becomes a `Split`: a tf.data dataset of
 (uint8 RGB image of any size, int label). From there one path resizes and caches the images, and builds
-per-epoch training batches whose order and augmentation are a function of (seed, epoch) alone, so an
-interrupted run that resumes sees exactly the batches an uninterrupted one would.
+per-epoch training batches whose order is a function of (seed, epoch) alone, so an interrupted run that
+resumes sees exactly the batches an uninterrupted one would. (Augmentation runs in the train step:
+imgclf_jax.augmentation.)
 """
 
 from __future__ import annotations
@@ -270,51 +271,6 @@ def to_float(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(image, tf.float32) / 255.0
 
 
-def augment(image: tf.Tensor, seed: tf.Tensor, cfg: ml_collections.ConfigDict,
-            size: Optional[int] = None) -> tf.Tensor:
-    """Random training augmentation of one float [0, 1] image, fully determined by `seed` (shape [2]);
-    the result is `size` pixels square (default: the image's own size)."""
-    size = size or image.shape[0]
-    seeds = tf.random.experimental.stateless_split(seed, num=6)
-    if cfg.crop_area_min < 1.0:  # Random-resized crop (area fraction, aspect 3/4..4/3), back to size.
-        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(image), tf.zeros([1, 0, 4]), seed=seeds[0], min_object_covered=0.0,
-            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(cfg.crop_area_min, 1.0),
-            max_attempts=10, use_image_if_no_bounding_boxes=True)
-        image = tf.slice(image, begin, crop_size)
-        image = tf.image.resize(image, [size, size], antialias=True)
-    elif image.shape[0] != size:
-        image = tf.image.resize(image, [size, size], antialias=True)
-    if cfg.flip:
-        image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-    if cfg.rotation > 0.0 or cfg.zoom > 0.0:
-        angle = tf.random.stateless_uniform([], seeds[2], -cfg.rotation, cfg.rotation) * 2.0 * np.pi
-        zoom = tf.random.stateless_uniform([], seeds[3], 1.0 - cfg.zoom, 1.0 + cfg.zoom)
-        image = _rotate_and_zoom(image, angle, zoom)
-    if cfg.brightness > 0.0:
-        image = image + tf.random.stateless_uniform([], seeds[4], -cfg.brightness, cfg.brightness)
-    if cfg.contrast > 0.0:
-        image = tf.image.stateless_random_contrast(image, 1.0 - cfg.contrast, 1.0 + cfg.contrast, seeds[5])
-    return tf.clip_by_value(image, 0.0, 1.0)
-
-
-def _rotate_and_zoom(image: tf.Tensor, angle: tf.Tensor, zoom: tf.Tensor) -> tf.Tensor:
-    """Rotates by `angle` radians about the centre and zooms (zoom > 1 shows more), reflecting at edges."""
-    size = float(image.shape[0])
-    centre = (size - 1.0) / 2.0
-    cos, sin = tf.cos(angle) * zoom, tf.sin(angle) * zoom
-    # Maps output pixel (x, y) to the input pixel it samples.
-    transform = tf.stack([
-        cos, -sin, centre - cos * centre + sin * centre,
-        sin, cos, centre - sin * centre - cos * centre,
-        0.0, 0.0,
-    ])[None]
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=transform, output_shape=tf.shape(image)[:2],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
-    return out[0]
-
-
 def _no_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
     """Turns tf.data's autotuner off for a per-epoch pipeline.
 
@@ -339,38 +295,23 @@ def train_batches(
     batch_size: int,
     seed: int,
     epoch: int,
-    augment_config: Optional[ml_collections.ConfigDict],
     rows: Optional[tuple[int, int]] = None,
-    image_size: Optional[int] = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One epoch of shuffled, augmented full batches; the same (seed, epoch) gives the same batches.
-
-    `image_size` resizes the (augmented) images for this epoch, e.g. smaller than they were prepared at
-    for progressive resizing; default: as prepared.
+    """One epoch of shuffled full batches of uint8 images as prepared; the same (seed, epoch) gives the same
+    batches. Augmentation and resizing to the epoch's size happen in the train step
+    (imgclf_jax.augmentation), where they cost far less than per-image tf.data ops.
 
     `rows` = (start, stop) keeps only those rows of each global batch (a process's share in a multi-process
-    run); the order and each image's augmentation depend on its global position only, so every layout of
-    processes trains on the same global batches.
+    run); the order depends on the global position only, so every layout of processes trains on the same
+    global batches.
     """
-    this_epoch = epoch_seed(seed, epoch)
     start, stop = rows if rows is not None else (0, batch_size)
-    ds = prepared.shuffle(min(num_examples, _MAX_SHUFFLE_BUFFER), seed=this_epoch)
-    ds = ds.enumerate()
+    ds = prepared.shuffle(min(num_examples, _MAX_SHUFFLE_BUFFER), seed=epoch_seed(seed, epoch))
     if (start, stop) != (0, batch_size):
-        ds = ds.take(num_examples // batch_size * batch_size).filter(
+        ds = ds.enumerate().take(num_examples // batch_size * batch_size).filter(
             _plain_graph(lambda index, example: (index % batch_size >= start) & (index % batch_size < stop)))
-
-    def process(index, example):
-        image, label = example
-        image = to_float(image)
-        if augment_config is not None:
-            image = augment(image, tf.stack([tf.constant(this_epoch, tf.int64), index]), augment_config,
-                            image_size)
-        elif image_size and image_size != image.shape[0]:
-            image = tf.image.resize(image, [image_size, image_size], antialias=True)
-        return {"image": image, "label": label}
-
-    ds = ds.map(_plain_graph(process), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(_plain_graph(lambda index, example: example))
+    ds = ds.map(_plain_graph(lambda image, label: {"image": image, "label": label}))
     ds = ds.batch(stop - start, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return _no_autotune(ds).as_numpy_iterator()
 

@@ -26,8 +26,8 @@ import optax
 import tqdm
 from flax.training import train_state
 
-from imgclf_jax import (checkpointing, cli, config_lib, input_pipeline, losses, mixing, models, parallel,
-                        plotting, xla_cpu)
+from imgclf_jax import (augmentation, checkpointing, cli, config_lib, input_pipeline, losses, mixing, models,
+                        parallel, plotting, xla_cpu)
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import MetricsLog, best_record, read_metrics
 
@@ -72,7 +72,9 @@ def update_ema(state: EmaTrainState, decay: float) -> EmaTrainState:
     return state.replace(ema=ema)
 
 
-# Folded into the step's dropout key for MixUp/CutMix, so dropout draws stay as they are without mixing.
+# Folded into the step's dropout key for augmentation and MixUp/CutMix, so that dropout draws stay as they
+# are with or without them.
+_AUGMENT_KEY_STREAM = 0x617567
 _MIX_KEY_STREAM = 0x6D6978
 
 
@@ -172,15 +174,20 @@ def _initial_state(model: flax.linen.Module, image_size: int, optimizer: optax.G
 def train_step(
     state: TrainState, batch: dict[str, jax.Array], loss_kind: str, label_smoothing: float,
     mix_config: Optional[ml_collections.ConfigDict] = None, ema_decay: float = 0.0,
+    augment_config: Optional[ml_collections.ConfigDict] = None, image_size: Optional[int] = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on one batch; returns the new state and the batch's mean loss and accuracy.
 
-    With `mix_config` (config.mix) enabled, the batch is first mixed (MixUp/CutMix, imgclf_jax.mixing); the
-    accuracy is then measured against each image's larger share of label. An EmaTrainState also moves its
+    The batch's images (uint8, or float in [0, 1]) are first augmented as `augment_config` (config.augment,
+    None = not at all) says, at `image_size` px (default: as given; imgclf_jax.augmentation). With
+    `mix_config` (config.mix) enabled, the batch is then mixed (MixUp/CutMix, imgclf_jax.mixing); the
+    accuracy is measured against each image's larger share of label. An EmaTrainState also moves its
     weight average (`ema_decay`).
     """
     dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
-    images, labels = batch["image"], batch["label"]
+    images = augmentation.training_images(jax.random.fold_in(dropout_key, _AUGMENT_KEY_STREAM), batch["image"],
+                                          augment_config, image_size)
+    labels = batch["label"]
     partner_labels, lam = labels, jnp.float32(1.0)
     mixed = mix_config is not None and mixing.is_enabled(mix_config)
     if mixed:
@@ -371,22 +378,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         log.info("Already trained for %d of %d epochs; nothing to do.", start_epoch, config.epochs)
 
     state_sharding, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    train_fn = jax.jit(
-        functools.partial(train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing,
-                          mix_config=config.mix, ema_decay=config.ema_decay),
-        in_shardings=(state_sharding, data_sharding),
-        out_shardings=(state_sharding, parallel.replicated(mesh)),
-        donate_argnums=0,
-        compiler_options=xla_cpu.compiler_options(),
-    )
+    augment_config = config.augment if config.augment.enabled else None
+    train_fns = {}  # Image size -> the train step jitted for it (progressive resizing uses a few sizes).
+
+    def train_step_fn(state, batch, image_size):
+        if image_size not in train_fns:
+            train_fns[image_size] = jax.jit(
+                functools.partial(train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing,
+                                  mix_config=config.mix, ema_decay=config.ema_decay,
+                                  augment_config=augment_config, image_size=image_size),
+                in_shardings=(state_sharding, data_sharding),
+                out_shardings=(state_sharding, parallel.replicated(mesh)),
+                donate_argnums=0,
+                compiler_options=xla_cpu.compiler_options(),
+            )
+        return train_fns[image_size](state, parallel.global_batch(mesh, batch))
+
     jitted_eval = jax.jit(functools.partial(eval_step, loss_kind=loss_kind),
                           in_shardings=(state_sharding, data_sharding), compiler_options=xla_cpu.compiler_options())
-    train_step_fn = lambda state, batch: train_fn(state, parallel.global_batch(mesh, batch))
     eval_fn = lambda state, batch: jitted_eval(state, parallel.global_batch(mesh, batch))
     rows = parallel.process_rows(mesh, config.batch_size)
     train_images = input_pipeline.prepare(train_split, config.image_size, config.resize, config.cache)
     val_images = input_pipeline.prepare(val_split, config.image_size, config.resize, config.cache)
-    augment_config = config.augment if config.augment.enabled else None
 
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -396,10 +409,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                     epoch == start_epoch + 1 or image_size != train_image_size(config, epoch - 1)):
                 log.info("Progressive resizing: training at %d px from epoch %d.", image_size, epoch)
             batches = input_pipeline.train_batches(
-                train_images, train_split.num_examples, config.batch_size, config.seed, epoch, augment_config,
-                rows, image_size,
-            )
-            state, step_metrics = train_epoch(train_step_fn, state, batches, steps_per_epoch, config.batch_size,
+                train_images, train_split.num_examples, config.batch_size, config.seed, epoch, rows)
+            state, step_metrics = train_epoch(functools.partial(train_step_fn, image_size=image_size), state,
+                                              batches, steps_per_epoch, config.batch_size,
                                               f"epoch {epoch}/{config.epochs}")
             train_seconds = time.perf_counter() - epoch_start
             bad = _first_nonfinite(step_metrics)

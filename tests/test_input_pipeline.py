@@ -63,11 +63,9 @@ def test_tensorflow_loads_without_keras_and_keras_still_loads_afterwards():
 
 def test_train_batches_are_a_function_of_seed_and_epoch(two_class_dir):
     _, split, prepared = _prepared(two_class_dir)
-    augment = config_lib.base_config().augment
-    augment.update(flip=True, rotation=0.1, zoom=0.2, crop_area_min=0.5, brightness=0.1, contrast=0.2)
 
     def epoch(seed, n):
-        return list(input_pipeline.train_batches(prepared, split.num_examples, 8, seed, n, augment))
+        return list(input_pipeline.train_batches(prepared, split.num_examples, 8, seed, n))
 
     first, again, second = epoch(0, 1), epoch(0, 1), epoch(0, 2)
     assert len(first) == 48 // 8
@@ -77,27 +75,11 @@ def test_train_batches_are_a_function_of_seed_and_epoch(two_class_dir):
     assert not np.array_equal(first[0]["image"], second[0]["image"])
     assert not np.array_equal(first[0]["image"], epoch(1, 1)[0]["image"])
     images = np.concatenate([b["image"] for b in first])
-    assert images.dtype == np.float32 and images.shape[1:] == (16, 16, 3)
-    assert 0.0 <= images.min() and images.max() <= 1.0
+    # The prepared uint8 images as they are: the train step converts and augments them.
+    assert images.dtype == np.uint8 and images.shape[1:] == (16, 16, 3)
+    assert sorted(map(bytes, images)) == sorted(bytes(image) for image, _ in prepared.as_numpy_iterator())
     # Every training image appears once per epoch (48 images, 6 full batches).
     assert sorted(np.concatenate([b["label"] for b in first]).tolist()) == [0] * 24 + [1] * 24
-
-
-@pytest.mark.parametrize("augmented", [True, False])
-def test_train_batches_can_be_smaller_than_prepared(two_class_dir, augmented):
-    _, split, prepared = _prepared(two_class_dir)  # Prepared at 16 px.
-    augment = config_lib.base_config().augment
-    augment.update(flip=True, crop_area_min=0.5 if augmented else 1.0)
-    small = list(input_pipeline.train_batches(prepared, split.num_examples, 8, 0, 1, augment, image_size=8))
-    assert small[0]["image"].shape == (8, 8, 8, 3)
-    full = list(input_pipeline.train_batches(prepared, split.num_examples, 8, 0, 1, augment))
-    assert full[0]["image"].shape == (8, 16, 16, 3)
-    # The same images in the same order; without augmentation each small one is its full-size twin, scaled down.
-    for a, b in zip(small, full):
-        np.testing.assert_array_equal(a["label"], b["label"])
-    if not augmented:
-        shrunk = tf.image.resize(full[0]["image"], [8, 8], antialias=True).numpy()
-        np.testing.assert_allclose(small[0]["image"], np.clip(shrunk, 0, 1), atol=1e-5)
 
 
 def test_eval_batches_count_every_example_once(two_class_dir):
@@ -183,10 +165,8 @@ def test_tfds_offline_is_one_clear_error(tmp_path, monkeypatch):
 def test_process_rows_of_train_and_eval_batches_make_up_the_global_batches(two_class_dir):
     # Two processes each feeding half of every global batch train on exactly the single-process batches.
     _, split, prepared = _prepared(two_class_dir)
-    augment = config_lib.base_config().augment
-    augment.update(flip=True, crop_area_min=0.5, brightness=0.1)
-    whole = list(input_pipeline.train_batches(prepared, split.num_examples, 8, 0, 3, augment))
-    halves = [list(input_pipeline.train_batches(prepared, split.num_examples, 8, 0, 3, augment, rows))
+    whole = list(input_pipeline.train_batches(prepared, split.num_examples, 8, 0, 3))
+    halves = [list(input_pipeline.train_batches(prepared, split.num_examples, 8, 0, 3, rows))
               for rows in ((0, 4), (4, 8))]
     assert len(halves[0]) == len(halves[1]) == len(whole)
     for full, first, second in zip(whole, *halves):

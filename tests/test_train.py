@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from imgclf_jax import input_pipeline, losses, mixing, models, train
+from imgclf_jax import augmentation, input_pipeline, losses, mixing, models, train
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import REQUIRED_KEYS, read_metrics
 
@@ -64,6 +64,32 @@ def test_mixed_train_step_loss_is_the_lam_weighted_loss_of_both_labels(tiny_conf
     plain = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=0.1))
     _, unmixed = plain(state, batch)
     assert float(unmixed["loss"]) != pytest.approx(float(reported["loss"]), rel=1e-3)
+
+
+def test_train_step_trains_on_the_augmented_resized_batch(tiny_config):
+    tiny_config.update(model="cnn")
+    tiny_config.cnn.global_pool = True
+    tiny_config.augment.update(enabled=True, flip=True, crop_area_min=0.5, brightness=0.1)
+    state = _state(tiny_config, 1)
+    batch = {"image": np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
+             "label": (np.arange(8) % 2).astype(np.int32)}
+    step = jax.jit(functools.partial(train.train_step, loss_kind="sigmoid", label_smoothing=0.0,
+                                     augment_config=tiny_config.augment, image_size=8))
+    _, reported = step(state, batch)
+
+    # The same augmentation, recomputed from the step's key, scored with the untrained parameters.
+    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
+    images = augmentation.training_images(jax.random.fold_in(dropout_key, train._AUGMENT_KEY_STREAM),
+                                          batch["image"], tiny_config.augment, 8)
+    assert images.shape == (8, 8, 8, 3)
+    logits, _ = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images,
+                               train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+    expected = losses.per_example_loss(logits, batch["label"], "sigmoid").mean()
+    assert float(reported["loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+    plain = jax.jit(functools.partial(train.train_step, loss_kind="sigmoid", label_smoothing=0.0))
+    _, unaugmented = plain(state, batch)
+    assert float(unaugmented["loss"]) != pytest.approx(float(reported["loss"]), rel=1e-3)
 
 
 def test_weight_average_follows_each_step_and_is_what_evaluation_uses(tiny_config):
