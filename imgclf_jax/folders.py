@@ -326,6 +326,8 @@ def load_folder_dataset(
         if wants_validation:
             result["validation"] = held_out
         note = f"{validation_split:.0%} of the training images held out (stratified, seed {seed})"
+    if "test" in split_folders and "test" not in splits:  # Say where it went: not in training, not lost.
+        note += f"; {split_folders['test']} is kept out of training, for `python -m imgclf_jax.evaluate`"
     if "train" in splits:
         result["train"] = train
     if "test" in splits and "test" in split_folders:

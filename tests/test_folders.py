@@ -31,6 +31,19 @@ def test_val_folder_name_is_accepted(tmp_path):
     assert len(found.splits["validation"]) == 4
 
 
+def test_train_test_layout_holds_out_validation_and_keeps_test_apart(tmp_path):
+    make_class_folder(tmp_path / "d" / "train", {"x": 10, "y": 10})
+    make_class_folder(tmp_path / "d" / "test", {"x": 3, "y": 3}, start=50)
+    found = folders.load_folder_dataset(str(tmp_path / "d"), validation_split=0.2)
+    assert sorted(found.splits) == ["train", "validation"]
+    assert len(found.splits["train"]) == 16 and len(found.splits["validation"]) == 4
+    test_folder = str(tmp_path / "d" / "test")
+    assert not any(e.path.startswith(test_folder) for split in found.splits.values() for e in split)
+    assert "held out" in found.validation_note and f"{test_folder} is kept out of training" in found.validation_note
+    with_test = folders.load_folder_dataset(str(tmp_path / "d"), splits=("train", "validation", "test"))
+    assert len(with_test.splits["test"]) == 6 and "kept out" not in with_test.validation_note
+
+
 def test_flat_layout_holds_out_a_stratified_seeded_split(flat_three_class_dir):
     found = folders.load_folder_dataset(str(flat_three_class_dir), validation_split=0.2, seed=3)
     assert found.class_names == ["a", "b", "c"]
