@@ -62,7 +62,9 @@ def resolve_eval_data(
         config = config.copy_and_resolve_references()
         config.unlock()
         config.dataset, config.data_dir = dataset, ""
-    source = input_pipeline.load_source(config, splits=("validation", "test"))
+    # Only the split asked for is opened, so a problem in another (say a test/ class the model never saw)
+    # does not stop the report, which scores validation.
+    source = input_pipeline.load_source(config, splits=(split,) if split else ("validation", "test"))
     if source.class_names != run.class_names:
         raise UserError(
             f"{source.description} has classes {source.class_names}, but the model was trained on "

@@ -1,7 +1,8 @@
 """Reading one image file into an RGB uint8 array, the same way for training, evaluation and prediction.
 
 Pillow decodes (it handles more real-world files than tf.io: CMYK JPEG, 16-bit PNG, palette GIF, WebP,
-EXIF orientation). Files are recognised by their content, not by their extension.
+AVIF, EXIF orientation), with pillow-heif's opener for HEIC/HEIF, the format phones save photos in. Files
+are recognised by their content, not by their extension.
 """
 
 from __future__ import annotations
@@ -10,12 +11,23 @@ import os
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
+
+try:  # A dependency; without it (a platform with no wheel) HEIC photos are skipped with that reason.
+    import pillow_heif
+except ImportError:
+    pillow_heif = None
+else:
+    pillow_heif.register_heif_opener()
 
 # Extensions that announce an image: such a file that cannot be decoded is reported, not silently ignored.
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".webp", ".tif", ".tiff"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".webp", ".tif", ".tiff",
+     ".heic", ".heif", ".avif"}
 )
+# Brands of the ISO media file ('ftyp' box) that mark a HEIF still image; 'avif' among them marks AVIF.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
 
 # Leading bytes of the formats we read. A file matching none of these is not an image.
 _SIGNATURES = (
@@ -43,13 +55,20 @@ def sniff_format(header: bytes) -> Optional[str]:
     """Returns the image format named by a file's first bytes, or None if it is not an image we read."""
     if len(header) >= 12 and header[:4] == b"RIFF" and header[8:12] == b"WEBP":
         return "WEBP"
+    if len(header) >= 12 and header[4:8] == b"ftyp":  # Major brand, version, then compatible brands.
+        box_end = min(int.from_bytes(header[:4], "big"), len(header))
+        brands = {header[8:12]} | {header[i:i + 4] for i in range(16, box_end - 3, 4)}
+        if brands & _AVIF_BRANDS:
+            return "AVIF"
+        if brands & _HEIF_BRANDS:
+            return "HEIF"
     for signature, name in _SIGNATURES:
         if header.startswith(signature):
             return name
     return None
 
 
-def read_header(path: str, size: int = 16) -> bytes:
+def read_header(path: str, size: int = 32) -> bytes:
     with open(path, "rb") as f:
         return f.read(size)
 
@@ -107,8 +126,13 @@ def load_image(
         header = read_header(path)
     except OSError as e:
         raise UnusableImageError(f"cannot read file ({e.strerror or e})") from None
-    if sniff_format(header) is None:
+    image_format = sniff_format(header)
+    if image_format is None:
         raise UnusableImageError(describe_non_image(header))
+    if image_format == "HEIF" and pillow_heif is None:
+        raise UnusableImageError("HEIC/HEIF image, and pillow-heif is not installed (pip install pillow-heif)")
+    if image_format == "AVIF" and not features.check("avif"):
+        raise UnusableImageError("AVIF image, and this Pillow has no AVIF support (Pillow >= 11.3 has)")
     try:
         image = Image.open(path)
         with image:

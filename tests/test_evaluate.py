@@ -88,3 +88,17 @@ def test_empty_or_untrained_work_directories(tmp_path, trained_run):
         evaluate.evaluate(str(untrained))
     with pytest.raises(UserError, match="no checkpoint at step 999"):
         evaluate.evaluate(str(trained_run[0]), checkpoint="999")
+
+
+def test_scoring_validation_does_not_open_the_test_folder(trained_run, tmp_path):
+    """The run report scores validation: a test/ folder with a class the model never saw must not stop it."""
+    workdir, data = trained_run
+    shutil.copytree(data, tmp_path / "data")
+    make_class_folder(tmp_path / "data" / "test", {"cats": 2, "zebras": 2})
+    run = inference.load_run(str(workdir))
+    run.config.unlock()
+    run.config.data_dir = str(tmp_path / "data")
+    split, name, _, _ = evaluate.resolve_eval_data(run, None, None, "validation")
+    assert name == "validation" and split.num_examples == 13
+    with pytest.raises(UserError, match="zebras"):  # Asked for (the default picks test), it is refused.
+        evaluate.resolve_eval_data(run, None, None, None)

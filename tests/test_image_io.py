@@ -14,7 +14,8 @@ from imgclf_jax import image_io
 
 
 @pytest.mark.parametrize("fmt, ext", [("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif"), ("BMP", "bmp"),
-                                      ("WEBP", "webp"), ("TIFF", "tif")])
+                                      ("WEBP", "webp"), ("TIFF", "tif"), ("HEIF", "heic"),
+                                      ("AVIF", "avif")])
 def test_formats_decode_to_rgb_uint8(tmp_path, fmt, ext):
     pixels = class_image(1, size=(31, 17))
     path = write_image(tmp_path / f"x.{ext}", pixels, fmt)
@@ -78,6 +79,28 @@ def test_exif_orientation_is_applied(tmp_path):
     path = tmp_path / "rotated.jpg"
     image.save(path, exif=exif.tobytes())
     assert image_io.load_image(str(path)).shape == (30, 10, 3)
+
+
+@pytest.mark.parametrize("fmt, ext", [("JPEG", "jpg"), ("HEIF", "heic"), ("AVIF", "avif")])
+def test_exif_orientation_turns_the_right_way_once(tmp_path, fmt, ext):
+    ramp = np.repeat(np.linspace(0, 255, 40).astype(np.uint8)[None, :, None], 16, axis=0).repeat(3, axis=2)
+    image = Image.fromarray(ramp)  # 40 wide, 16 high, dark on the left.
+    exif = image.getexif()
+    exif[0x0112] = 6  # Rotate 90 degrees clockwise to display: the left edge becomes the top.
+    path = tmp_path / f"phone.{ext}"
+    image.save(path, fmt, exif=exif.tobytes(), quality=95)
+    loaded = image_io.load_image(str(path)).astype(float)
+    assert loaded.shape == (40, 16, 3)
+    assert loaded[:4].mean() < 40 and loaded[-4:].mean() > 215
+
+
+def test_heif_without_pillow_heif_is_skipped_with_the_fix(tmp_path, monkeypatch):
+    path = tmp_path / "IMG_0001.HEIC"
+    Image.fromarray(class_image(0)).save(path, "HEIF")
+    assert image_io.sniff_format(image_io.read_header(str(path))) == "HEIF"
+    monkeypatch.setattr(image_io, "pillow_heif", None)
+    with pytest.raises(image_io.UnusableImageError, match="pip install pillow-heif"):
+        image_io.load_image(str(path))
 
 
 def test_jpeg_draft_keeps_at_least_min_size(tmp_path):
