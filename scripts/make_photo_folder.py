@@ -6,8 +6,8 @@
 Issue 6 scores the default recipe on "a few classes, ~200 photos each, only train/ and test/ sub-folders,
 mixed formats", which we do not have. This draws such a folder from any `<class>/` (or `train/<class>/` +
 `validation/<class>/`) source: train photos from the source's train split, test photos from its validation
-split when it has one (so the two never share a file), re-saved as a mix of JPEG, .JPG, PNG, RGBA PNG, BMP
-and WebP, some enlarged or made non-square. The copy goes outside the repository: never commit shared images.
+split when it has one (so the two never share a file), re-saved as a mix of JPEG, .JPG, PNG, RGBA PNG, BMP,
+WebP, HEIC and AVIF, some enlarged or made non-square. The copy goes outside the repository: never commit shared images.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ import argparse
 import random
 from pathlib import Path
 
+import pillow_heif
 from PIL import Image
+
+pillow_heif.register_heif_opener()  # Lets Pillow write HEIC.
 
 # (suffix, PIL format, mode, share of the files): what a phone/web/screenshot mix looks like.
 FORMATS = (
@@ -25,8 +28,11 @@ FORMATS = (
     (".png", "PNG", "RGB", 0.15),
     (".png", "PNG", "RGBA", 0.10),
     (".bmp", "BMP", "RGB", 0.10),
-    (".webp", "WEBP", "RGB", 0.10),
+    (".webp", "WEBP", "RGB", 0.06),
+    (".heic", "HEIF", "RGB", 0.02),
+    (".avif", "AVIF", "RGB", 0.02),
 )
+KERAS_UNREADABLE = {"WEBP", "HEIF", "AVIF"}  # image_dataset_from_directory skips these files.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -66,7 +72,7 @@ def main(argv=None) -> None:
     parser.add_argument("--test_per_class", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keras_readable", action="store_true",
-                        help="no WebP (Keras's image_dataset_from_directory skips it), for a like-for-like comparison")
+                        help="no WebP, HEIC or AVIF (Keras's folder loader skips them), for a like-for-like comparison")
     args = parser.parse_args(argv)
 
     source, out = Path(args.source), Path(args.out)
@@ -77,7 +83,7 @@ def main(argv=None) -> None:
     train_files = class_files(train_source)
     test_files = class_files(held_out) if held_out else None
     names = list(train_files)[: args.classes or None]
-    formats = tuple(f for f in FORMATS if not (args.keras_readable and f[1] == "WEBP"))
+    formats = tuple(f for f in FORMATS if not (args.keras_readable and f[1] in KERAS_UNREADABLE))
     rng = random.Random(args.seed)
     for name in names:
         pool = list(train_files[name])
