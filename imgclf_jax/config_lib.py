@@ -59,9 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Model: `model` picks the network; its settings live in the sub-config of the same name.
     c.model = "cnn"
-    # Convolution implementation: 'auto' (XLA's own, or matmul weight gradients on a CPU whose XLA would run
-    # them in YNNPACK), 'xla', 'matmul_grad'. Results agree up to float rounding; only speed differs
-    # (docs/performance.md).
+    # Convolution implementation: 'auto' (on a CPU, our AVX2/FMA kernels where they compile, else XLA's own;
+    # XLA's on GPUs/TPUs), 'xla', 'native', 'matmul_grad'. Results agree up to float rounding; only speed
+    # differs (docs/performance.md).
     c.conv_impl = "auto"
     # Compute dtype: 'float32', or 'bfloat16' on GPUs/TPUs (parameters and optimizer state stay float32).
     c.dtype = "float32"

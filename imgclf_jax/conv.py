@@ -1,14 +1,19 @@
-"""2-D convolution whose weight gradient is computed as well-shaped matmuls (fast on XLA:CPU).
+"""2-D convolution with a custom gradient, for XLA:CPU: weight gradients as well-shaped matmuls, or native kernels.
 
-Where XLA:CPU runs convolutions in YNNPACK (`xla_cpu.compiler_options` turns that off where it can), it
-computes a weight gradient as another convolution whose kernel is as large as the image, 7-15x slower than
-the forward pass (docs/performance.md has the measurements). Here
-the forward pass and the input gradient stay XLA convolutions, and the weight gradient is computed image by
-image as patches^T @ output_gradient (so each image's patch matrix stays in cache), summed in a scan.
+Two implementations share one `jax.custom_vjp`:
+- 'native': forward pass, input gradient (stride 1) and weight gradient in the AVX2/FMA kernels of
+  `cpu_conv` (compiled on first use), which run this project's small-channel convolutions and weight
+  gradients 1.5-4x faster than XLA:CPU's own (docs/performance.md, session 9).
+- 'matmul_grad': for an XLA that runs convolutions in YNNPACK, whose weight gradients are 7-15x slower than
+  the forward pass. The forward pass and the input gradient stay XLA convolutions, and the weight gradient
+  is computed image by image as patches^T @ output_gradient (so each image's patch matrix stays in cache),
+  summed in a scan.
 Results equal `jax.grad` of the plain convolution up to float rounding (tests/test_conv.py).
 
 `conv_general_dilated` has the signature flax's `nn.Conv(conv_general_dilated=...)` expects; cases it does
-not cover (dilation, feature groups, other layouts) go to `lax.conv_general_dilated` unchanged.
+not cover (dilation, feature groups, other layouts; for 'native', dtypes other than float32 or a machine
+where the kernels did not build) go to
+`lax.conv_general_dilated` unchanged.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from imgclf_jax import cpu_conv
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
-Padding = tuple[tuple[int, int], tuple[int, int]]
+Padding = cpu_conv.Padding
 
 
 def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding) -> jax.Array:
@@ -59,21 +66,43 @@ def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], st
     return total.reshape(kernel_shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding) -> jax.Array:
-    """NHWC x HWIO convolution with explicit padding; its weight gradient uses `weight_gradient`."""
-    return _conv(x, kernel, strides, padding)
+IMPLS = ("native", "matmul_grad")
 
 
-def _conv2d_fwd(x, kernel, strides, padding):
-    return _conv(x, kernel, strides, padding), (x, kernel)
+def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, impl: str) -> jax.Array:
+    return cpu_conv.forward(x, kernel, strides, padding) if impl == "native" else _conv(x, kernel, strides, padding)
 
 
-def _conv2d_bwd(strides, padding, residuals, dy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding,
+           impl: str) -> jax.Array:
+    """NHWC x HWIO convolution with explicit padding, computed by `impl` (one of IMPLS)."""
+    return _forward(x, kernel, strides, padding, impl)
+
+
+def _conv2d_fwd(x, kernel, strides, padding, impl):
+    return _forward(x, kernel, strides, padding, impl), (x, kernel)
+
+
+def _transposed_padding(kernel_hw: Sequence[int], padding: Padding) -> Optional[Padding]:
+    """Padding of the stride-1 convolution of dy with the flipped kernel that gives the input gradient."""
+    pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel_hw, padding))
+    return pads if min(min(p) for p in pads) >= 0 else None
+
+
+def _conv2d_bwd(strides, padding, impl, residuals, dy):
     x, kernel = residuals
-    (dx,) = jax.linear_transpose(lambda v: _conv(v, kernel, strides, padding), x)(dy)
-    dkernel = weight_gradient(x, dy, kernel.shape, strides, padding).astype(kernel.dtype)
-    return dx, dkernel
+    dx_padding = _transposed_padding(kernel.shape[:2], padding) if strides == (1, 1) else None
+    if impl == "native" and dx_padding is not None:
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        dx = cpu_conv.forward(dy, flipped, (1, 1), dx_padding)
+    else:
+        (dx,) = jax.linear_transpose(lambda v: _conv(v, kernel, strides, padding), x)(dy)
+    if impl == "native":
+        dkernel = cpu_conv.weight_gradient(x, dy, kernel.shape, strides, padding)
+    else:
+        dkernel = weight_gradient(x, dy, kernel.shape, strides, padding)
+    return dx, dkernel.astype(kernel.dtype)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
@@ -98,10 +127,13 @@ def explicit_padding(padding: Union[str, Sequence[tuple[int, int]]], in_hw: Sequ
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None,
-                         **kwargs: Any) -> jax.Array:
-    """Drop-in for `lax.conv_general_dilated` that uses `conv2d` for plain 2-D NHWC convolutions."""
+                         impl: str = "matmul_grad", **kwargs: Any) -> jax.Array:
+    """Drop-in for `lax.conv_general_dilated` that uses `conv2d` (with `impl`) for plain 2-D NHWC convolutions."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown convolution implementation {impl!r} (choose from {', '.join(IMPLS)})")
     plain = (
         lhs.ndim == 4 and feature_group_count == 1 and precision is None and not kwargs
+        and (impl != "native" or (lhs.dtype == rhs.dtype == jnp.float32 and cpu_conv.available()))
         and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
@@ -111,4 +143,4 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision,
                                         **kwargs)
-    return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+    return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), pads, impl)

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from imgclf_jax import conv, pooling, xla_cpu
+from imgclf_jax import conv, cpu_conv, pooling, xla_cpu
 from imgclf_jax.errors import UserError
 
 MODEL_NAMES = ("tutorial_cnn", "cnn", "resnet")
-CONV_IMPLS = ("auto", "xla", "matmul_grad")
+CONV_IMPLS = ("auto", "xla", "native", "matmul_grad")
 DTYPES = ("float32", "bfloat16")
 
 # Every model takes `conv`: the convolution function its nn.Conv layers use (None = lax's).
@@ -133,15 +133,27 @@ class ResNet(nn.Module):
 
 
 def conv_function(conv_impl: str) -> ConvFn:
-    """'xla': lax's convolution; 'matmul_grad': `conv.conv_general_dilated` (its weight gradient is
-    matmuls); 'auto': xla, except on a single CPU device whose XLA does not take `xla_cpu.compiler_options`:
-    there the convolutions may run in YNNPACK, whose weight gradients matmul_grad beats several times."""
+    """'xla': lax's convolution; 'native': `conv.conv_general_dilated` with the AVX2/FMA kernels of
+    `cpu_conv` (x86-64 CPUs); 'matmul_grad': the same with XLA's convolutions and matmul weight gradients.
+    'auto' on one CPU device: native where its kernels build here, else matmul_grad where this XLA does not
+    take `xla_cpu.compiler_options` (its YNNPACK weight gradients are several times slower), else xla; 'xla'
+    on GPUs/TPUs and on several CPU devices (a test set-up: the custom calls would not be split)."""
     if conv_impl not in CONV_IMPLS:
         raise UserError(f"unknown conv_impl '{conv_impl}' (choose from {', '.join(CONV_IMPLS)})")
-    if conv_impl == "auto":  # Several CPU devices are a test set-up; the scan over images would not split.
-        slow_cpu_grads = jax.default_backend() == "cpu" and not xla_cpu.compiler_options()
-        conv_impl = "matmul_grad" if slow_cpu_grads and jax.device_count() == 1 else "xla"
-    return conv.conv_general_dilated if conv_impl == "matmul_grad" else None
+    single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    if conv_impl == "auto":
+        if single_cpu and cpu_conv.available():
+            conv_impl = "native"
+        elif single_cpu and not xla_cpu.compiler_options():
+            conv_impl = "matmul_grad"
+        else:
+            conv_impl = "xla"
+    if conv_impl == "native" and not cpu_conv.available():
+        raise UserError("conv_impl='native' needs an x86-64 CPU with AVX2/FMA and a C++ compiler "
+                        "(see the log for why the kernels did not build); use conv_impl='auto'")
+    if conv_impl == "xla":
+        return None
+    return functools.partial(conv.conv_general_dilated, impl=conv_impl)
 
 
 def compute_dtype(name: str) -> Any:

@@ -1,6 +1,9 @@
-"""The matmul-gradient convolution equals XLA's convolution and its jax.grad, up to float rounding."""
+"""Both custom convolutions (native kernels, matmul weight gradient) equal XLA's convolution and its jax.grad,
+up to float rounding; and the native kernels fall back cleanly where they cannot build."""
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -9,7 +12,11 @@ import numpy as np
 import pytest
 from jax import lax
 
-from imgclf_jax import conv
+import logging
+import platform
+import shutil
+
+from imgclf_jax import conv, cpu_conv, models
 
 CASES = [  # (input shape, kernel shape, strides, padding)
     ((2, 9, 9, 3), (3, 3, 3, 5), (1, 1), "SAME"),
@@ -18,6 +25,20 @@ CASES = [  # (input shape, kernel shape, strides, padding)
     ((2, 7, 9, 2), (3, 3, 2, 3), (1, 2), "VALID"),
     ((1, 6, 6, 2), (5, 5, 2, 2), (1, 1), ((2, 1), (0, 3))),
 ]
+NATIVE_CASES = [  # Shapes that exercise the native kernels' blocking; the matmul gradient is covered above.
+    # Output channels past one 16-wide block with a ragged tail; rows not a multiple of the 6-pixel block.
+    ((2, 11, 13, 7), (3, 3, 7, 27), (1, 1), "SAME"),
+    # One image (the kernels then split its rows over threads); padding wider than the kernel reaches.
+    ((1, 9, 8, 3), (3, 3, 3, 16), (1, 1), ((3, 0), (2, 2))),
+    # A stride that leaves input rows unread.
+    ((2, 12, 12, 8), (3, 3, 8, 16), (2, 2), "VALID"),
+]
+NATIVE_EXPECTED = platform.machine().lower() in ("x86_64", "amd64") and any(
+    shutil.which(c) for c in ("c++", "g++", "clang++"))
+needs_native = pytest.mark.skipif(not NATIVE_EXPECTED, reason="needs x86-64 and a C++ compiler")
+IMPLS = ["matmul_grad", pytest.param("native", marks=needs_native)]
+IMPL_CASES = [(*case, "matmul_grad") for case in CASES] + [
+    pytest.param(*case, "native", marks=needs_native) for case in CASES + NATIVE_CASES]
 
 
 def _inputs(x_shape, k_shape):
@@ -25,8 +46,8 @@ def _inputs(x_shape, k_shape):
     return jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
 
 
-@pytest.mark.parametrize("x_shape, k_shape, strides, padding", CASES)
-def test_forward_and_gradients_match_lax(x_shape, k_shape, strides, padding):
+@pytest.mark.parametrize("x_shape, k_shape, strides, padding, impl", IMPL_CASES)
+def test_forward_and_gradients_match_lax(x_shape, k_shape, strides, padding, impl):
     x, kernel = _inputs(x_shape, k_shape)
     dn = ("NHWC", "HWIO", "NHWC")
 
@@ -34,10 +55,10 @@ def test_forward_and_gradients_match_lax(x_shape, k_shape, strides, padding):
         return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=dn)
 
     def ours(x, kernel):
-        return conv.conv_general_dilated(x, kernel, strides, padding,
+        return conv.conv_general_dilated(x, kernel, strides, padding, impl=impl,
                                          dimension_numbers=lax.conv_dimension_numbers(x.shape, kernel.shape, dn))
 
-    np.testing.assert_allclose(ours(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(ours)(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
     weights = jax.random.normal(jax.random.key(3), reference(x, kernel).shape)
 
     def loss(f):
@@ -49,10 +70,12 @@ def test_forward_and_gradients_match_lax(x_shape, k_shape, strides, padding):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
 
 
-def test_flax_conv_with_the_custom_op_matches_the_default():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_flax_conv_with_the_custom_op_matches_the_default(impl):
     x = jax.random.normal(jax.random.key(1), (4, 12, 12, 3))
     default = nn.Conv(8, (3, 3), strides=2, padding="SAME")
-    custom = nn.Conv(8, (3, 3), strides=2, padding="SAME", conv_general_dilated=conv.conv_general_dilated)
+    custom = nn.Conv(8, (3, 3), strides=2, padding="SAME",
+                     conv_general_dilated=functools.partial(conv.conv_general_dilated, impl=impl))
     params = default.init(jax.random.key(2), x)
 
     def grads(module):
@@ -70,3 +93,26 @@ def test_unsupported_cases_fall_back_to_lax():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert conv.explicit_padding("CIRCULAR", (8, 8), (3, 3), (1, 1)) is None
     assert conv.explicit_padding("SAME", (8, 7), (3, 3), (2, 2)) == ((0, 1), (1, 1))
+
+
+@needs_native
+def test_native_kernels_build_here_and_auto_picks_them():
+    assert cpu_conv.available()
+    assert models.conv_function("auto").keywords == {"impl": "native"}
+
+
+def test_native_kernels_that_fail_to_build_leave_xla_in_charge(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_conv, "_FLAGS", cpu_conv._FLAGS + ("-DIMGCLF_TEST_BROKEN", "-no-such-flag"))
+    cpu_conv.available.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert not cpu_conv.available()
+        fallback = models.conv_function("auto")
+        assert fallback is None or fallback.keywords["impl"] != "native"
+        with pytest.raises(models.UserError, match="conv_impl='native' needs"):
+            models.conv_function("native")
+    finally:
+        cpu_conv.available.cache_clear()
+    if NATIVE_EXPECTED:
+        assert "native CPU convolutions unavailable" in caplog.text

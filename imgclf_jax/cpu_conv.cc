@@ -1,0 +1,314 @@
+// f32 NHWC x HWIO 2-D convolutions for XLA:CPU on x86-64 with AVX2 + FMA, called through the XLA FFI.
+//
+// Why: XLA:CPU's own convolutions reach 15-60% of this machine's matmul peak on small CNNs (a 3-channel first
+// layer runs at 15 GFLOP/s, and weight gradients pay for layout transposes); docs/performance.md has the
+// figures. Both kernels here are register-blocked "direct" convolutions: no im2col matrix is built,
+// because at one output pixel and one kernel row the kw*C input values a convolution reads are contiguous
+// in an NHWC image, whatever the stride. Each image is first copied into a zero-bordered buffer (so no
+// bounds checks in the inner loops), which stays in the core's cache while it is used.
+//
+//   forward:          y[n,oy,ox,o] = sum_{i,l} xpad[n, oy*sh+i, ox*sw .. , l] * w[i, l, o]
+//   weight gradient:  dw[i, l, o]  = sum_{n,oy,ox} xpad[n, oy*sh+i, ox*sw .., l] * dy[n, oy, ox, o]
+//
+// (l runs over the kw*C contiguous values of kernel row i.) The input gradient of a stride-1 convolution is
+// the forward kernel applied to dy with the flipped, transposed kernel (done in imgclf_jax/cpu_conv.py).
+// Work is split over images (or output rows) across one thread per core; the weight gradient sums
+// per-thread partial results. Results equal XLA's up to float rounding (tests/test_conv.py).
+
+#include <immintrin.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMaxRows = 6;  // Register block: 6 rows x 16 columns = 12 accumulators of 8 floats.
+constexpr int64_t kTilePixels = 192;  // Pixels per weight-gradient tile (their rows of dy stay in L1/L2).
+
+struct Geometry {
+  int64_t n, h, w, c;       // input
+  int64_t kh, kw, o;        // kernel (kh, kw, c, o)
+  int64_t sh, sw, pt, pl;   // strides and leading padding
+  int64_t ho, wo;           // output
+  int64_t hp, wp;           // padded extent the windows read: (ho - 1) * s + k
+  int64_t len() const { return kw * c; }        // contiguous values per kernel row and output pixel
+  int64_t op() const { return (o + 7) / 8 * 8; }  // output channels rounded up to whole vectors
+};
+
+int NumThreads() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Runs f(thread, begin, end) over [0, count) split into contiguous parts, one thread per core.
+template <typename F>
+void ParallelFor(int64_t count, int threads, F&& f) {
+  threads = static_cast<int>(std::min<int64_t>(threads, count));
+  if (threads <= 1) {
+    f(0, 0, count);
+    return;
+  }
+  std::vector<std::thread> workers;
+  for (int t = 1; t < threads; ++t) {
+    workers.emplace_back([&, t] { f(t, count * t / threads, count * (t + 1) / threads); });
+  }
+  f(0, 0, count / threads);
+  for (auto& worker : workers) worker.join();
+}
+
+// Image `image` of x into buf (hp, wp, c), with zeros wherever a window reads padding.
+void PadImage(const float* x, const Geometry& g, int64_t image, float* buf) {
+  const float* src = x + image * g.h * g.w * g.c;
+  const int64_t lo = std::clamp<int64_t>(g.pl, 0, g.wp), hi = std::clamp<int64_t>(g.pl + g.w, 0, g.wp);
+  for (int64_t yy = 0; yy < g.hp; ++yy) {
+    float* dst = buf + yy * g.wp * g.c;
+    const int64_t y = yy - g.pt;
+    if (y < 0 || y >= g.h || hi <= lo) {
+      std::memset(dst, 0, sizeof(float) * g.wp * g.c);
+      continue;
+    }
+    std::memset(dst, 0, sizeof(float) * lo * g.c);
+    std::memcpy(dst + lo * g.c, src + (y * g.w + (lo - g.pl)) * g.c, sizeof(float) * (hi - lo) * g.c);
+    std::memset(dst + hi * g.c, 0, sizeof(float) * (g.wp - hi) * g.c);
+  }
+}
+
+// NR output pixels (`pixel_step` floats apart in the padded image) x NV*8 output channels.
+template <int NR, int NV>
+void ForwardTile(const float* a, int64_t pixel_step, int64_t row_step, const float* w, int64_t op,
+                 int64_t kh, int64_t len, float* out, int64_t out_channels, int64_t valid) {
+  __m256 acc[NR][NV];
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < kh; ++i) {
+    const float* ai = a + i * row_step;
+    const float* wi = w + i * len * op;
+    for (int64_t l = 0; l < len; ++l) {
+      __m256 b[NV];
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(wi + l * op + 8 * v);
+      _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
+        const __m256 ar = _mm256_broadcast_ss(ai + r * pixel_step + l);
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(ar, b[v], acc[r][v]);
+      }
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
+    float* dst = out + r * out_channels;
+    if (valid == NV * 8) {
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) _mm256_storeu_ps(dst + 8 * v, acc[r][v]);
+    } else {
+      alignas(32) float tmp[NV * 8];
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) _mm256_store_ps(tmp + 8 * v, acc[r][v]);
+      std::memcpy(dst, tmp, sizeof(float) * valid);
+    }
+  }
+}
+
+// NR consecutive kernel values (of one kernel row) x NV*8 output channels, summed over np pixels whose
+// offsets into the padded image and into dy are given.
+template <int NR, int NV>
+void WeightGradTile(const float* a, const int64_t* a_offsets, const float* d, const int64_t* d_offsets,
+                    int64_t pixels, float* g, int64_t op) {
+  __m256 acc[NR][NV];
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_loadu_ps(g + r * op + 8 * v);
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float* ap = a + a_offsets[p];
+    const float* dp = d + d_offsets[p];
+    __m256 b[NV];
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(dp + 8 * v);
+    _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(ap + r);
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(ar, b[v], acc[r][v]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) _mm256_storeu_ps(g + r * op + 8 * v, acc[r][v]);
+}
+
+using ForwardFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*,
+                           int64_t, int64_t);
+using WeightGradFn = void (*)(const float*, const int64_t*, const float*, const int64_t*, int64_t, float*,
+                              int64_t);
+
+template <int NR, int NV>
+struct ForwardKernel {
+  static constexpr ForwardFn fn = ForwardTile<NR, NV>;
+};
+template <int NR, int NV>
+struct WeightGradKernel {
+  static constexpr WeightGradFn fn = WeightGradTile<NR, NV>;
+};
+
+template <template <int, int> class K, typename Fn>
+Fn Pick(int rows, int vectors) {
+  static const Fn table[kMaxRows][2] = {
+      {K<1, 1>::fn, K<1, 2>::fn}, {K<2, 1>::fn, K<2, 2>::fn}, {K<3, 1>::fn, K<3, 2>::fn},
+      {K<4, 1>::fn, K<4, 2>::fn}, {K<5, 1>::fn, K<5, 2>::fn}, {K<6, 1>::fn, K<6, 2>::fn}};
+  return table[rows - 1][vectors - 1];
+}
+
+// Kernel (kh, kw, c, o) -> (kh * len, op), output channels zero-padded to whole vectors.
+std::vector<float> PackKernel(const float* w, const Geometry& g) {
+  const int64_t rows = g.kh * g.len(), op = g.op();
+  std::vector<float> packed(rows * op, 0.0f);
+  for (int64_t k = 0; k < rows; ++k) std::memcpy(&packed[k * op], w + k * g.o, sizeof(float) * g.o);
+  return packed;
+}
+
+void Forward(const float* x, const float* w, float* y, const Geometry& g) {
+  const std::vector<float> packed = PackKernel(w, g);
+  const int64_t op = g.op(), len = g.len();
+  ParallelFor(g.n * g.ho, NumThreads(), [&](int, int64_t begin, int64_t end) {
+    std::vector<float> buf(g.hp * g.wp * g.c);
+    int64_t padded_image = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t image = item / g.ho, oy = item % g.ho;
+      if (image != padded_image) {
+        PadImage(x, g, image, buf.data());
+        padded_image = image;
+      }
+      const float* row = buf.data() + oy * g.sh * g.wp * g.c;
+      float* out_row = y + (image * g.ho + oy) * g.wo * g.o;
+      // Output channels outer, pixels inner: one block's weights (kh * len * 16 floats) stay in L1/L2.
+      for (int64_t ob = 0; ob < op; ob += 16) {
+        const int vectors = op - ob >= 16 ? 2 : 1;
+        const int64_t valid = std::min<int64_t>(8 * vectors, g.o - ob);
+        for (int64_t ox = 0; ox < g.wo; ox += kMaxRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, g.wo - ox));
+          Pick<ForwardKernel, ForwardFn>(rows, vectors)(row + ox * g.sw * g.c, g.sw * g.c, g.wp * g.c,
+                                                       packed.data() + ob, op, g.kh, len,
+                                                       out_row + ox * g.o + ob, g.o, valid);
+        }
+      }
+    }
+  });
+}
+
+void WeightGrad(const float* x, const float* dy, float* dw, const Geometry& g) {
+  const int64_t op = g.op(), len = g.len(), rows = g.kh * len;
+  const int threads = static_cast<int>(std::min<int64_t>(NumThreads(), g.n * g.ho));
+  std::vector<std::vector<float>> partial(std::max(threads, 1));
+  ParallelFor(g.n * g.ho, threads, [&](int t, int64_t begin, int64_t end) {
+    std::vector<float>& total = partial[t];
+    total.assign(rows * op, 0.0f);
+    std::vector<float> buf(g.hp * g.wp * g.c);
+    std::vector<float> dy_padded(g.o == op ? 0 : g.ho * g.wo * op, 0.0f);
+    std::vector<int64_t> a_offsets(kTilePixels), d_offsets(kTilePixels);
+    int64_t item = begin;
+    while (item < end) {
+      const int64_t image = item / g.ho;
+      const int64_t image_end = std::min(end, (image + 1) * g.ho);
+      PadImage(x, g, image, buf.data());
+      const float* d = dy + image * g.ho * g.wo * g.o;
+      int64_t d_stride = g.o;
+      if (g.o != op) {  // Rows of whole vectors, zero-padded.
+        for (int64_t p = 0; p < g.ho * g.wo; ++p)
+          std::memcpy(&dy_padded[p * op], d + p * g.o, sizeof(float) * g.o);
+        d = dy_padded.data();
+        d_stride = op;
+      }
+      // Tiles of up to kTilePixels output pixels of this image, in rows [item, image_end).
+      int64_t pixel = (item % g.ho) * g.wo;
+      const int64_t pixel_end = (image_end - image * g.ho) * g.wo;
+      while (pixel < pixel_end) {
+        const int64_t count = std::min(kTilePixels, pixel_end - pixel);
+        for (int64_t p = 0; p < count; ++p) {
+          const int64_t oy = (pixel + p) / g.wo, ox = (pixel + p) % g.wo;
+          a_offsets[p] = (oy * g.sh * g.wp + ox * g.sw) * g.c;
+          d_offsets[p] = (pixel + p) * d_stride;
+        }
+        for (int64_t i = 0; i < g.kh; ++i) {
+          for (int64_t l = 0; l < len; l += kMaxRows) {
+            const int block = static_cast<int>(std::min<int64_t>(kMaxRows, len - l));
+            for (int64_t ob = 0; ob < op; ob += 16) {
+              const int vectors = op - ob >= 16 ? 2 : 1;
+              Pick<WeightGradKernel, WeightGradFn>(block, vectors)(
+                  buf.data() + i * g.wp * g.c + l, a_offsets.data(), d + ob, d_offsets.data(), count,
+                  total.data() + (i * len + l) * op + ob, op);
+            }
+          }
+        }
+        pixel += count;
+      }
+      item = image_end;
+    }
+  });
+  for (int64_t k = 0; k < rows; ++k) {
+    for (int64_t o = 0; o < g.o; ++o) {
+      float sum = 0.0f;
+      for (const auto& part : partial) sum += part.empty() ? 0.0f : part[k * op + o];
+      dw[k * g.o + o] = sum;
+    }
+  }
+}
+
+ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
+                        int64_t sh, int64_t sw, int64_t pt, int64_t pl, Geometry* g) {
+  if (x.size() != 4 || w.size() != 4 || y.size() != 4)
+    return ffi::Error::InvalidArgument("imgclf conv: expected NHWC input, HWIO kernel and NHWC output");
+  *g = Geometry{x[0], x[1], x[2], x[3], w[0], w[1], w[3], sh, sw, pt, pl, y[1], y[2], 0, 0};
+  g->hp = (g->ho - 1) * sh + g->kh;
+  g->wp = (g->wo - 1) * sw + g->kw;
+  if (w[2] != g->c || y[0] != g->n || y[3] != g->o || sh < 1 || sw < 1 || g->ho < 1 || g->wo < 1)
+    return ffi::Error::InvalidArgument("imgclf conv: inconsistent shapes");
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                       int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left) {
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), stride_h, stride_w, pad_top,
+                            pad_left, &g);
+      e.failure())
+    return e;
+  Forward(x.typed_data(), w.typed_data(), y->typed_data(), g);
+  return ffi::Error::Success();
+}
+
+ffi::Error WeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                          int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left) {
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), stride_h, stride_w, pad_top,
+                            pad_left, &g);
+      e.failure())
+    return e;
+  WeightGrad(x.typed_data(), dy.typed_data(), dw->typed_data(), g);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvWeightGrad, WeightGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
+
+// Lets the loader refuse a CPU without the instructions the kernels were compiled for.
+extern "C" int ImgclfConvCpuSupported() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
