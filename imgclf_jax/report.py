@@ -12,6 +12,7 @@ the file can be mailed or archived on its own.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import heapq
 import html
@@ -28,6 +29,7 @@ from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import classification_report, read_metrics
 
 REPORT_FILE = "report.html"
+GALLERY_SIZE = 24
 _THUMB_SIZE = 128
 
 
@@ -42,7 +44,8 @@ class HardestImages:
     def add(self, images: np.ndarray, probabilities: np.ndarray, labels: np.ndarray) -> None:
         losses = -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, 1.0))
         for i, loss in enumerate(losses.tolist()):
-            item = (loss, self._seen + i, images[i], probabilities[i], int(labels[i]))
+            # A copy, so a kept image does not keep its whole batch alive.
+            item = (loss, self._seen + i, np.array(images[i]), probabilities[i], int(labels[i]))
             if len(self._heap) < self.k:
                 heapq.heappush(self._heap, item)
             elif loss > self._heap[0][0]:
@@ -133,17 +136,65 @@ def _gallery(hardest: list[dict[str, Any]], class_names: Sequence[str], paths: O
     return '<div class="gallery">' + "".join(figures) + "</div>"
 
 
-def build_report(workdir: str, checkpoint: str = "best", gallery_size: int = 24, batch_size: int = 64) -> str:
-    """Scores `checkpoint` on the run's validation data and writes WORKDIR/report.html; returns its path."""
-    config_lib.require_positive_int("gallery", gallery_size)
+@dataclasses.dataclass
+class ValidationScores:
+    """A checkpoint's scores on its run's validation data: what the report shows besides the training curves.
+
+    The trainer fills one in as it validates (so the report at the end of training needs no second pass
+    over the photos); `score_checkpoint` computes one from a work directory.
+    """
+
+    config: Any
+    class_names: list[str]
+    step: int
+    epoch: int
+    probabilities: np.ndarray  # (N, classes)
+    labels: np.ndarray  # (N,)
+    hardest: HardestImages
+    paths: Optional[Sequence[str]]
+    description: str
+
+
+class ValidationScorer:
+    """Builds `ValidationScores` batch by batch: `add` is the `on_batch` of an evaluation loop."""
+
+    def __init__(self, gallery_size: int):
+        self.hardest = HardestImages(gallery_size)
+        self._probabilities: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def add(self, images: np.ndarray, probabilities: np.ndarray, labels: np.ndarray) -> None:
+        self.hardest.add(images, probabilities, labels)
+        self._probabilities.append(probabilities)
+        self._labels.append(labels)
+
+    def scores(self, config: Any, class_names: list[str], step: int, epoch: int,
+               paths: Optional[Sequence[str]], description: str) -> ValidationScores:
+        return ValidationScores(config, class_names, step, epoch, np.concatenate(self._probabilities),
+                                np.concatenate(self._labels), self.hardest, paths, description)
+
+
+def score_checkpoint(workdir: str, checkpoint: str = "best", gallery_size: int = GALLERY_SIZE,
+                     batch_size: int = 64) -> ValidationScores:
+    """Restores `checkpoint` of the run in `workdir` and scores it on the run's validation data."""
     run = inference.load_run(workdir, checkpoint)
     data, _, description, _ = evaluate.resolve_eval_data(run, None, None, "validation")
-    hardest = HardestImages(gallery_size)
-    probabilities, labels = evaluate.predict_split(run, data, batch_size, on_batch=hardest.add)
-    report = classification_report(probabilities, labels, run.class_names)
+    scorer = ValidationScorer(gallery_size)
+    evaluate.predict_split(run, data, batch_size, on_batch=scorer.add)
+    return scorer.scores(run.config, run.class_names, run.step, run.epoch, data.paths, description)
+
+
+def build_report(workdir: str, checkpoint: str = "best", gallery_size: int = GALLERY_SIZE, batch_size: int = 64,
+                 scores: Optional[ValidationScores] = None) -> str:
+    """Writes WORKDIR/report.html about `checkpoint` and returns its path; `scores` are that checkpoint's
+    validation scores where the caller has them (else they are computed here)."""
+    config_lib.require_positive_int("gallery", gallery_size)
+    if scores is None:
+        scores = score_checkpoint(workdir, checkpoint, gallery_size, batch_size)
+    report = classification_report(scores.probabilities, scores.labels, scores.class_names)
     records = read_metrics(workdir)
     calibration = report["calibration"]
-    config = run.config
+    config, class_names, hardest = scores.config, scores.class_names, scores.hardest
     name = config.get("name", os.path.basename(os.path.abspath(workdir)))
 
     headline = [("accuracy", f"{report['accuracy']:.4f}"), ("loss", f"{report['loss']:.4f}"),
@@ -162,7 +213,7 @@ def build_report(workdir: str, checkpoint: str = "best", gallery_size: int = 24,
               f'{_png_data_uri(lambda b: plotting.plot_training_curves({name: records}, b))}">'
               if records else '<p class="note">No metrics.jsonl in this work directory.</p>')
     confusion = _png_data_uri(lambda b: plotting.plot_confusion_matrix(
-        report["confusion_matrix"], run.class_names, b, "Confusion matrix (rows = true class)"))
+        report["confusion_matrix"], class_names, b, "Confusion matrix (rows = true class)"))
     reliability = _png_data_uri(lambda b: plotting.plot_reliability(
         calibration["bins"], calibration["expected_calibration_error"], b))
     config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
@@ -179,8 +230,8 @@ def build_report(workdir: str, checkpoint: str = "best", gallery_size: int = 24,
 <body>
 <header>
 <h1>{html.escape(name)}: {report['accuracy']:.1%} validation accuracy</h1>
-<p>{html.escape(config.model)} on {html.escape(description)}; checkpoint {html.escape(str(checkpoint))}
-(step {run.step}, epoch {run.epoch} of {len(records) or '?'} trained); {len(run.class_names)} classes;
+<p>{html.escape(config.model)} on {html.escape(scores.description)}; checkpoint {html.escape(str(checkpoint))}
+(step {scores.step}, epoch {scores.epoch} of {len(records) or '?'} trained); {len(class_names)} classes;
 generated {generated} by imgclf_jax.report</p>
 </header>
 <main>
@@ -198,7 +249,7 @@ probability falls in that bin; a calibrated model's bars follow the diagonal. Th
 <section id="gallery"><h2>Highest-loss validation images ({len(hardest.worst_first())})</h2>
 <p class="note">As the model saw them (resized to {config.image_size}&times;{config.image_size}), worst first:
 label errors, ambiguous photos and the model's blind spots show up here.</p>
-{_gallery(hardest.worst_first(), run.class_names, data.paths, config.get("data_dir") or None)}</section>
+{_gallery(hardest.worst_first(), class_names, scores.paths, config.get("data_dir") or None)}</section>
 <section id="config"><h2>Config</h2><pre>{html.escape(config_json)}</pre></section>
 </main>
 </body>
@@ -216,7 +267,7 @@ def _define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("checkpoint", "best", "'best' (by validation accuracy), 'latest' or a step number.")
-    flags.DEFINE_integer("gallery", 24, "How many highest-loss validation images to show.")
+    flags.DEFINE_integer("gallery", GALLERY_SIZE, "How many highest-loss validation images to show.")
     flags.DEFINE_integer("batch_size", 64, "Evaluation batch size (does not change the results).")
 
 

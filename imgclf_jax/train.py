@@ -219,7 +219,7 @@ def train_step(
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], loss_kind: str) -> dict[str, jax.Array]:
-    """Sums over the real (mask 1) examples of a padded batch, plus the logits for reports."""
+    """Sums over the real (mask 1) examples of a padded batch, plus the logits and probabilities for reports."""
     logits = state.apply_fn(eval_variables(state), batch["image"], train=False)
     mask = batch["mask"]
     loss = losses.per_example_loss(logits, batch["label"], loss_kind)
@@ -229,15 +229,36 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], loss_kind: str) ->
         "correct": jnp.sum(correct * mask),
         "count": jnp.sum(mask),
         "logits": logits,
+        "probabilities": losses.probabilities(logits, loss_kind),
     }
 
 
 def evaluate_batches(
-    eval_fn: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]]
+    eval_fn: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]],
+    on_batch: Optional[Callable[[np.ndarray, np.ndarray, np.ndarray], None]] = None,
 ) -> dict[str, float]:
-    """Mean loss and accuracy over every real example of `batches`."""
+    """Mean loss and accuracy over every real example of `batches`.
+
+    `on_batch(images, probabilities, labels)` sees each batch's real examples, one batch behind the device
+    (so fetching the probabilities does not stall the next batch's dispatch).
+    """
     keys = ("loss_sum", "correct", "count")
-    sums = jax.device_get([{k: s[k] for k in keys} for s in (eval_fn(state, batch) for batch in batches)])
+    sums, pending = [], None
+
+    def hand_over(batch, out):
+        real = batch["mask"] == 1
+        on_batch(batch["image"][real], np.asarray(out["probabilities"])[real], batch["label"][real])
+
+    for batch in batches:
+        out = eval_fn(state, batch)
+        sums.append({k: out[k] for k in keys})
+        if on_batch is not None:
+            if pending is not None:
+                hand_over(*pending)
+            pending = (batch, out)
+    if pending is not None:
+        hand_over(*pending)
+    sums = jax.device_get(sums)
     totals = {k: sum(float(s[k]) for s in sums) for k in keys}
     count = totals["count"]
     return {
@@ -400,6 +421,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     rows = parallel.process_rows(mesh, config.batch_size)
     train_images = input_pipeline.prepare(train_split, config.image_size, config.resize, config.cache)
     val_images = input_pipeline.prepare(val_split, config.image_size, config.resize, config.cache)
+    # The report's scores of the best epoch, collected while validating, spare it a second pass over the photos.
+    keep_scores = config.report and is_main and jax.process_count() == 1
+    if keep_scores:
+        from imgclf_jax import report  # report -> evaluate -> inference -> train.
+    best_scores, best_accuracy = None, 0.0
 
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -421,8 +447,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                     f"{int(state.step) - len(step_metrics) + bad + 1}; stopped without saving this epoch "
                     f"(the last good checkpoint stays the latest). Try a lower --learning_rate"
                 )
-            val = evaluate_batches(eval_fn, state,
-                                   input_pipeline.eval_batches(val_images, config.batch_size, rows))
+            scorer = report.ValidationScorer(report.GALLERY_SIZE) if keep_scores else None
+            val = evaluate_batches(eval_fn, state, input_pipeline.eval_batches(val_images, config.batch_size, rows),
+                                   on_batch=scorer.add if scorer else None)
+            if scorer and (best_scores is None or val["accuracy"] >= best_accuracy):  # Ties: the later epoch.
+                best_accuracy = val["accuracy"]
+                best_scores = scorer.scores(config, class_names, int(state.step), epoch, val_split.paths,
+                                            f"{source.description} (validation)")
             record = {
                 "epoch": epoch,
                 "step": int(state.step),
@@ -456,19 +487,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         log.info("Best validation accuracy %.4f at epoch %d. Work directory: %s",
                  best["val_accuracy"], best["epoch"], workdir)
         if config.report:
-            _write_report(workdir)
+            # Scores from before a resume are not at hand: then the report scores the best checkpoint itself.
+            _write_report(workdir, best_scores if best_scores and best_scores.epoch == best["epoch"] else None)
     return records
 
 
-def _write_report(workdir: str) -> None:
-    """The HTML run report; a failure here is logged, since the trained run itself is complete."""
+def _write_report(workdir: str, scores: Any = None) -> None:
+    """The HTML run report (`scores`: the best checkpoint's `report.ValidationScores`, if at hand); a failure
+    here is logged, since the trained run itself is complete."""
     if jax.process_count() > 1:  # Restoring in one process would wait for the others forever.
         log.info("Multi-process run: write the report with `python -m imgclf_jax.report %s`.", workdir)
         return
     from imgclf_jax import report  # report -> evaluate -> inference -> train.
 
     try:
-        log.info("Report: %s", report.build_report(workdir))
+        log.info("Report: %s", report.build_report(workdir, scores=scores))
     except Exception as e:  # noqa: BLE001 - the checkpoints and metrics are already safe.
         log.warning("Could not write the run report (%s: %s); try `python -m imgclf_jax.report %s`.",
                     type(e).__name__, e, workdir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html.parser
 import io
+import re
 import shutil
 import subprocess
 
@@ -51,6 +52,22 @@ def test_training_writes_a_self_contained_report(trained_run):
     assert f"{scores['accuracy']:.4f}" in page
     assert "validation/cats/img_10" in page  # Gallery captions name the files.
     assert "&quot;batch_size&quot;: 8" in page  # The config, escaped.
+
+
+def test_the_report_written_in_training_equals_one_rebuilt_from_the_best_checkpoint(trained_run, tmp_path):
+    # The trainer hands the report the scores it collected while validating the best epoch; restoring that
+    # checkpoint and scoring the photos again must give the same page (but for the time it was generated).
+    workdir, _ = trained_run
+    copy = tmp_path / "work"
+    shutil.copytree(workdir, copy)
+    (copy / report.REPORT_FILE).unlink()
+    rebuilt = open(report.build_report(str(copy))).read()
+
+    def comparable(page):
+        page = re.sub(r"generated \d{4}-\d\d-\d\d \d\d:\d\d", "", page)
+        return re.sub(r'src="data:image/png;base64,[^"]*"', "", page).replace(str(copy), str(workdir))
+
+    assert comparable(rebuilt) == comparable((workdir / report.REPORT_FILE).read_text())
 
 
 def test_hardest_images_keeps_the_highest_losses_worst_first():

@@ -352,7 +352,13 @@ def test_sigkill_then_the_same_command_ends_like_an_uninterrupted_run(two_class_
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(command(killed_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(read_metrics(str(killed_dir))) < 2:
+
+    def saved_steps():  # Orbax renames a checkpoint to its step number once it is complete.
+        folder = killed_dir / "checkpoints"
+        return [p for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+
+    # An epoch's metrics are logged just before its checkpoint is saved: wait for both.
+    while time.time() < deadline and (len(read_metrics(str(killed_dir))) < 2 or not saved_steps()):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
