@@ -11,8 +11,8 @@ Two implementations share one `jax.custom_vjp`:
 Results equal `jax.grad` of the plain convolution up to float rounding (tests/test_conv.py).
 
 `conv_general_dilated` has the signature flax's `nn.Conv(conv_general_dilated=...)` expects; cases it does
-not cover (dilation, feature groups, other layouts; for 'native', dtypes other than float32 or a machine
-where the kernels did not build) go to
+not cover (dilation, feature groups, other layouts; for 'native', dtypes other than float32, small outputs
+where XLA's convolutions are faster (`cpu_conv.worth_it`), or a machine where the kernels did not build) go to
 `lax.conv_general_dilated` unchanged.
 """
 
@@ -139,6 +139,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     )
     pads = explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], window_strides) if plain else None
+    if pads is not None and impl == "native" and not cpu_conv.worth_it(lhs.shape, rhs.shape, window_strides, pads):
+        pads = None
     if pads is None:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision,

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -44,6 +45,7 @@ struct Geometry {
 };
 
 int NumThreads() {
+  if (const char* forced = std::getenv("IMGCLF_CONV_THREADS")) return std::max(1, std::atoi(forced));
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
   return std::max(1u, std::thread::hardware_concurrency());

@@ -60,9 +60,16 @@ def _build(compiler: str, include_dir: str) -> Path:
     return target
 
 
+# The loaded kernels, once registered: XLA's handler registry is per process and takes one library per name.
+_registered: Optional[ctypes.CDLL] = None
+
+
 @functools.cache
 def available() -> bool:
     """True once the kernels are compiled, loaded and registered with XLA for the CPU (at most once a process)."""
+    global _registered
+    if _registered is not None:
+        return True
     if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() not in ("Linux", "Darwin"):
         return False
     compiler = _compiler()
@@ -77,10 +84,25 @@ def available() -> bool:
         jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.ImgclfConvForward), platform="cpu")
         jax.ffi.register_ffi_target(_WEIGHT_GRAD, jax.ffi.pycapsule(library.ImgclfConvWeightGrad),
                                     platform="cpu")
-    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        _registered = library
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError, AttributeError) as e:
         log.warning("native CPU convolutions unavailable, XLA's are used instead: %s", e)
         return False
     return True
+
+
+# Below this many output pixels per image the kernels lost to XLA's convolutions inside a whole training step
+# (default ResNet at 80 px, batch 32, 2-core EPYC: step 234 ms using them only for outputs of >= 1,000 pixels,
+# 241-246 ms with XLA's everywhere, 300-345 ms with them everywhere; docs/performance.md, session 9).
+MIN_OUTPUT_PIXELS = 1024
+
+
+def worth_it(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+             padding: Padding) -> bool:
+    """Whether to use the kernels for this convolution: outputs of at least MIN_OUTPUT_PIXELS pixels."""
+    out_hw = [(size + lo + hi - k) // s + 1
+              for size, (lo, hi), k, s in zip(x_shape[1:3], padding, kernel_shape[:2], strides)]
+    return out_hw[0] * out_hw[1] >= MIN_OUTPUT_PIXELS
 
 
 def _attributes(strides: Sequence[int], padding: Padding) -> dict:

@@ -46,6 +46,12 @@ def _inputs(x_shape, k_shape):
     return jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
 
 
+@pytest.fixture(autouse=True)
+def native_kernels_for_every_size(monkeypatch):
+    """The test shapes are small; in training, outputs this small go to XLA's convolutions instead."""
+    monkeypatch.setattr(cpu_conv, "MIN_OUTPUT_PIXELS", 0)
+
+
 @pytest.mark.parametrize("x_shape, k_shape, strides, padding, impl", IMPL_CASES)
 def test_forward_and_gradients_match_lax(x_shape, k_shape, strides, padding, impl):
     x, kernel = _inputs(x_shape, k_shape)
@@ -104,6 +110,7 @@ def test_native_kernels_build_here_and_auto_picks_them():
 def test_native_kernels_that_fail_to_build_leave_xla_in_charge(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_conv, "_FLAGS", cpu_conv._FLAGS + ("-DIMGCLF_TEST_BROKEN", "-no-such-flag"))
+    monkeypatch.setattr(cpu_conv, "_registered", None)  # As in a process that has not loaded them yet.
     cpu_conv.available.cache_clear()
     try:
         with caplog.at_level(logging.WARNING):
@@ -116,3 +123,17 @@ def test_native_kernels_that_fail_to_build_leave_xla_in_charge(monkeypatch, tmp_
         cpu_conv.available.cache_clear()
     if NATIVE_EXPECTED:
         assert "native CPU convolutions unavailable" in caplog.text
+
+
+@needs_native
+def test_native_leaves_small_outputs_to_xla(monkeypatch):
+    monkeypatch.setattr(cpu_conv, "MIN_OUTPUT_PIXELS", 64)
+    dn = lax.conv_dimension_numbers((2, 8, 8, 3), (3, 3, 3, 4), ("NHWC", "HWIO", "NHWC"))
+
+    def uses_kernels(size):
+        x, kernel = _inputs((2, size, size, 3), (3, 3, 3, 4))
+        jaxpr = jax.make_jaxpr(lambda x, k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn,
+                                                                      impl="native"))(x, kernel)
+        return "ffi_call" in str(jaxpr)
+
+    assert uses_kernels(8) and not uses_kernels(7)  # 64 and 49 output pixels.
