@@ -19,6 +19,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -51,20 +52,29 @@ int NumThreads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Runs f(thread, begin, end) over [0, count) split into contiguous parts, one thread per core.
+// Runs body(thread, next) on up to `threads` threads (the caller's among them). next(&begin, &end) hands out
+// the next chunk of [0, count) until none is left: a thread slowed down by other work (XLA runs independent
+// operations beside ours) takes fewer chunks instead of holding the others up at the end.
 template <typename F>
-void ParallelFor(int64_t count, int threads, F&& f) {
-  threads = static_cast<int>(std::min<int64_t>(threads, count));
-  if (threads <= 1) {
-    f(0, 0, count);
-    return;
-  }
+void ParallelChunks(int64_t count, int64_t chunk, int threads, F&& body) {
+  std::atomic<int64_t> next_item{0};
+  auto next = [&](int64_t* begin, int64_t* end) {
+    *begin = next_item.fetch_add(chunk);
+    if (*begin >= count) return false;
+    *end = std::min(count, *begin + chunk);
+    return true;
+  };
+  threads = static_cast<int>(std::min<int64_t>(threads, (count + chunk - 1) / chunk));
   std::vector<std::thread> workers;
-  for (int t = 1; t < threads; ++t) {
-    workers.emplace_back([&, t] { f(t, count * t / threads, count * (t + 1) / threads); });
-  }
-  f(0, 0, count / threads);
+  for (int t = 1; t < threads; ++t) workers.emplace_back([&, t] { body(t, next); });
+  body(0, next);
   for (auto& worker : workers) worker.join();
+}
+
+// Chunks of output rows: whole images when there are plenty, else about four chunks per thread.
+int64_t RowChunk(const Geometry& g, int threads) {
+  if (g.n >= 4 * threads) return g.ho;
+  return std::max<int64_t>(1, g.n * g.ho / (4 * threads));
 }
 
 // Image `image` of x into buf (hp, wp, c), with zeros wherever a window reads padding.
@@ -170,26 +180,29 @@ std::vector<float> PackKernel(const float* w, const Geometry& g) {
 void Forward(const float* x, const float* w, float* y, const Geometry& g) {
   const std::vector<float> packed = PackKernel(w, g);
   const int64_t op = g.op(), len = g.len();
-  ParallelFor(g.n * g.ho, NumThreads(), [&](int, int64_t begin, int64_t end) {
+  const int threads = NumThreads();
+  ParallelChunks(g.n * g.ho, RowChunk(g, threads), threads, [&](int, auto& next) {
     std::vector<float> buf(g.hp * g.wp * g.c);
-    int64_t padded_image = -1;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t image = item / g.ho, oy = item % g.ho;
-      if (image != padded_image) {
-        PadImage(x, g, image, buf.data());
-        padded_image = image;
-      }
-      const float* row = buf.data() + oy * g.sh * g.wp * g.c;
-      float* out_row = y + (image * g.ho + oy) * g.wo * g.o;
-      // Output channels outer, pixels inner: one block's weights (kh * len * 16 floats) stay in L1/L2.
-      for (int64_t ob = 0; ob < op; ob += 16) {
-        const int vectors = op - ob >= 16 ? 2 : 1;
-        const int64_t valid = std::min<int64_t>(8 * vectors, g.o - ob);
-        for (int64_t ox = 0; ox < g.wo; ox += kMaxRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, g.wo - ox));
-          Pick<ForwardKernel, ForwardFn>(rows, vectors)(row + ox * g.sw * g.c, g.sw * g.c, g.wp * g.c,
-                                                       packed.data() + ob, op, g.kh, len,
-                                                       out_row + ox * g.o + ob, g.o, valid);
+    int64_t padded_image = -1, begin, end;
+    while (next(&begin, &end)) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t image = item / g.ho, oy = item % g.ho;
+        if (image != padded_image) {
+          PadImage(x, g, image, buf.data());
+          padded_image = image;
+        }
+        const float* row = buf.data() + oy * g.sh * g.wp * g.c;
+        float* out_row = y + (image * g.ho + oy) * g.wo * g.o;
+        // Output channels outer, pixels inner: one block's weights (kh * len * 16 floats) stay in L1/L2.
+        for (int64_t ob = 0; ob < op; ob += 16) {
+          const int vectors = op - ob >= 16 ? 2 : 1;
+          const int64_t valid = std::min<int64_t>(8 * vectors, g.o - ob);
+          for (int64_t ox = 0; ox < g.wo; ox += kMaxRows) {
+            const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, g.wo - ox));
+            Pick<ForwardKernel, ForwardFn>(rows, vectors)(row + ox * g.sw * g.c, g.sw * g.c, g.wp * g.c,
+                                                         packed.data() + ob, op, g.kh, len,
+                                                         out_row + ox * g.o + ob, g.o, valid);
+          }
         }
       }
     }
@@ -198,16 +211,16 @@ void Forward(const float* x, const float* w, float* y, const Geometry& g) {
 
 void WeightGrad(const float* x, const float* dy, float* dw, const Geometry& g) {
   const int64_t op = g.op(), len = g.len(), rows = g.kh * len;
-  const int threads = static_cast<int>(std::min<int64_t>(NumThreads(), g.n * g.ho));
-  std::vector<std::vector<float>> partial(std::max(threads, 1));
-  ParallelFor(g.n * g.ho, threads, [&](int t, int64_t begin, int64_t end) {
+  const int threads = NumThreads();
+  std::vector<std::vector<float>> partial(threads);  // Per-thread sums, added up at the end.
+  ParallelChunks(g.n * g.ho, RowChunk(g, threads), threads, [&](int t, auto& next) {
     std::vector<float>& total = partial[t];
     total.assign(rows * op, 0.0f);
     std::vector<float> buf(g.hp * g.wp * g.c);
     std::vector<float> dy_padded(g.o == op ? 0 : g.ho * g.wo * op, 0.0f);
     std::vector<int64_t> a_offsets(kTilePixels), d_offsets(kTilePixels);
-    int64_t item = begin;
-    while (item < end) {
+    int64_t item, end;
+    while (next(&item, &end)) while (item < end) {
       const int64_t image = item / g.ho;
       const int64_t image_end = std::min(end, (image + 1) * g.ho);
       PadImage(x, g, image, buf.data());
