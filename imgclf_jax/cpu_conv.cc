@@ -12,8 +12,9 @@
 //
 // (l runs over the kw*C contiguous values of kernel row i.) The input gradient of a stride-1 convolution is
 // the forward kernel applied to dy with the flipped, transposed kernel (done in imgclf_jax/cpu_conv.py).
-// Work is split over images (or output rows) across one thread per core; the weight gradient sums
-// per-thread partial results. Results equal XLA's up to float rounding (tests/test_conv.py).
+// Work is handed out in chunks of images (or output rows) to one thread per core (IMGCLF_CONV_THREADS sets
+// another count); the weight gradient adds one partial sum per chunk in a fixed order, so a result never
+// depends on thread timing. Results equal XLA's up to float rounding (tests/test_conv.py).
 
 #include <immintrin.h>
 #include <sched.h>
@@ -71,7 +72,8 @@ void ParallelChunks(int64_t count, int64_t chunk, int threads, F&& body) {
   for (auto& worker : workers) worker.join();
 }
 
-// Chunks of output rows: whole images when there are plenty, else about four chunks per thread.
+// Chunks of output rows for the forward pass: whole images when there are plenty, else about four chunks
+// per thread.
 int64_t RowChunk(const Geometry& g, int threads) {
   if (g.n >= 4 * threads) return g.ho;
   return std::max<int64_t>(1, g.n * g.ho / (4 * threads));
@@ -211,57 +213,62 @@ void Forward(const float* x, const float* w, float* y, const Geometry& g) {
 
 void WeightGrad(const float* x, const float* dy, float* dw, const Geometry& g) {
   const int64_t op = g.op(), len = g.len(), rows = g.kh * len;
+  // One partial sum per chunk of output rows (a fixed split, whichever thread takes a chunk), added up in
+  // chunk order: the result does not depend on how the threads happened to share the work.
   const int threads = NumThreads();
-  std::vector<std::vector<float>> partial(threads);  // Per-thread sums, added up at the end.
-  ParallelChunks(g.n * g.ho, RowChunk(g, threads), threads, [&](int t, auto& next) {
-    std::vector<float>& total = partial[t];
-    total.assign(rows * op, 0.0f);
+  const int64_t items = g.n * g.ho, chunk = (items + 4 * threads - 1) / (4 * threads);
+  std::vector<std::vector<float>> partial((items + chunk - 1) / chunk);
+  ParallelChunks(items, chunk, threads, [&](int, auto& next) {
     std::vector<float> buf(g.hp * g.wp * g.c);
     std::vector<float> dy_padded(g.o == op ? 0 : g.ho * g.wo * op, 0.0f);
     std::vector<int64_t> a_offsets(kTilePixels), d_offsets(kTilePixels);
     int64_t item, end;
-    while (next(&item, &end)) while (item < end) {
-      const int64_t image = item / g.ho;
-      const int64_t image_end = std::min(end, (image + 1) * g.ho);
-      PadImage(x, g, image, buf.data());
-      const float* d = dy + image * g.ho * g.wo * g.o;
-      int64_t d_stride = g.o;
-      if (g.o != op) {  // Rows of whole vectors, zero-padded.
-        for (int64_t p = 0; p < g.ho * g.wo; ++p)
-          std::memcpy(&dy_padded[p * op], d + p * g.o, sizeof(float) * g.o);
-        d = dy_padded.data();
-        d_stride = op;
-      }
-      // Tiles of up to kTilePixels output pixels of this image, in rows [item, image_end).
-      int64_t pixel = (item % g.ho) * g.wo;
-      const int64_t pixel_end = (image_end - image * g.ho) * g.wo;
-      while (pixel < pixel_end) {
-        const int64_t count = std::min(kTilePixels, pixel_end - pixel);
-        for (int64_t p = 0; p < count; ++p) {
-          const int64_t oy = (pixel + p) / g.wo, ox = (pixel + p) % g.wo;
-          a_offsets[p] = (oy * g.sh * g.wp + ox * g.sw) * g.c;
-          d_offsets[p] = (pixel + p) * d_stride;
+    while (next(&item, &end)) {
+      std::vector<float>& total = partial[item / chunk];
+      total.assign(rows * op, 0.0f);
+      while (item < end) {  // The rows [item, end) may span images: one image at a time.
+        const int64_t image = item / g.ho;
+        const int64_t image_end = std::min(end, (image + 1) * g.ho);
+        PadImage(x, g, image, buf.data());
+        const float* d = dy + image * g.ho * g.wo * g.o;
+        int64_t d_stride = g.o;
+        if (g.o != op) {  // Rows of whole vectors, zero-padded.
+          for (int64_t p = 0; p < g.ho * g.wo; ++p)
+            std::memcpy(&dy_padded[p * op], d + p * g.o, sizeof(float) * g.o);
+          d = dy_padded.data();
+          d_stride = op;
         }
-        for (int64_t i = 0; i < g.kh; ++i) {
-          for (int64_t l = 0; l < len; l += kMaxRows) {
-            const int block = static_cast<int>(std::min<int64_t>(kMaxRows, len - l));
-            for (int64_t ob = 0; ob < op; ob += 16) {
-              const int vectors = op - ob >= 16 ? 2 : 1;
-              Pick<WeightGradKernel, WeightGradFn>(block, vectors)(
-                  buf.data() + i * g.wp * g.c + l, a_offsets.data(), d + ob, d_offsets.data(), count,
-                  total.data() + (i * len + l) * op + ob, op);
+        // Tiles of up to kTilePixels output pixels of this image, in rows [item, image_end).
+        int64_t pixel = (item % g.ho) * g.wo;
+        const int64_t pixel_end = (image_end - image * g.ho) * g.wo;
+        while (pixel < pixel_end) {
+          const int64_t tile = std::min(kTilePixels, pixel_end - pixel);
+          for (int64_t p = 0; p < tile; ++p) {
+            const int64_t oy = (pixel + p) / g.wo, ox = (pixel + p) % g.wo;
+            a_offsets[p] = (oy * g.sh * g.wp + ox * g.sw) * g.c;
+            d_offsets[p] = (pixel + p) * d_stride;
+          }
+          for (int64_t i = 0; i < g.kh; ++i) {
+            for (int64_t l = 0; l < len; l += kMaxRows) {
+              const int block = static_cast<int>(std::min<int64_t>(kMaxRows, len - l));
+              for (int64_t ob = 0; ob < op; ob += 16) {
+                const int vectors = op - ob >= 16 ? 2 : 1;
+                Pick<WeightGradKernel, WeightGradFn>(block, vectors)(
+                    buf.data() + i * g.wp * g.c + l, a_offsets.data(), d + ob, d_offsets.data(), tile,
+                    total.data() + (i * len + l) * op + ob, op);
+              }
             }
           }
+          pixel += tile;
         }
-        pixel += count;
+        item = image_end;
       }
-      item = image_end;
     }
   });
   for (int64_t k = 0; k < rows; ++k) {
     for (int64_t o = 0; o < g.o; ++o) {
       float sum = 0.0f;
-      for (const auto& part : partial) sum += part.empty() ? 0.0f : part[k * op + o];
+      for (const auto& part : partial) sum += part[k * op + o];
       dw[k * g.o + o] = sum;
     }
   }

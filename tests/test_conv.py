@@ -137,3 +137,14 @@ def test_native_leaves_small_outputs_to_xla(monkeypatch):
         return "ffi_call" in str(jaxpr)
 
     assert uses_kernels(8) and not uses_kernels(7)  # 64 and 49 output pixels.
+
+
+@needs_native
+def test_native_weight_gradient_is_the_same_every_time():
+    # The threads share the work as they happen to run; the per-chunk sums are added in a fixed order.
+    x, kernel = _inputs((8, 24, 24, 8), (3, 3, 8, 16))
+    dy = jax.random.normal(jax.random.key(5), (8, 24, 24, 16))
+    grad = jax.jit(lambda x, dy: cpu_conv.weight_gradient(x, dy, kernel.shape, (1, 1), ((1, 1), (1, 1))))
+    first = np.asarray(grad(x, dy))
+    for _ in range(5):
+        np.testing.assert_array_equal(np.asarray(grad(x, dy)), first)
