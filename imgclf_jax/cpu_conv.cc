@@ -215,8 +215,12 @@ void WeightGrad(const float* x, const float* dy, float* dw, const Geometry& g) {
   const int64_t op = g.op(), len = g.len(), rows = g.kh * len;
   // One partial sum per chunk of output rows (a fixed split, whichever thread takes a chunk), added up in
   // chunk order: the result does not depend on how the threads happened to share the work.
+  // Up to 32 chunks (fine enough for the threads to share the work evenly), fewer where the partial sums
+  // would pass 16 MB, but at least 4 per thread; whole images where there are enough of them.
   const int threads = NumThreads();
-  const int64_t items = g.n * g.ho, chunk = (items + 4 * threads - 1) / (4 * threads);
+  const int64_t items = g.n * g.ho;
+  const int64_t chunks = std::max<int64_t>(4 * threads, std::min<int64_t>(32, (16 << 20) / (4 * rows * op)));
+  const int64_t chunk = g.n >= chunks ? g.ho * ((g.n + chunks - 1) / chunks) : (items + chunks - 1) / chunks;
   std::vector<std::vector<float>> partial((items + chunk - 1) / chunk);
   ParallelChunks(items, chunk, threads, [&](int, auto& next) {
     std::vector<float> buf(g.hp * g.wp * g.c);
