@@ -148,8 +148,8 @@ def conv_function(conv_impl: str) -> ConvFn:
             conv_impl = "matmul_grad"
         else:
             conv_impl = "xla"
-    if conv_impl == "native" and not cpu_conv.available():
-        raise UserError("conv_impl='native' needs an x86-64 CPU with AVX2/FMA and a C++ compiler "
+    if conv_impl == "native" and (jax.default_backend() != "cpu" or not cpu_conv.available()):
+        raise UserError("conv_impl='native' needs to run on an x86-64 CPU with AVX2/FMA and a C++ compiler "
                         "(see the log for why the kernels did not build); use conv_impl='auto'")
     if conv_impl == "xla":
         return None
