@@ -97,12 +97,18 @@ def available() -> bool:
 MIN_OUTPUT_PIXELS = 1024
 
 
+def _output_hw(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+               padding: Padding) -> tuple[int, int]:
+    ho, wo = ((size + lo + hi - k) // s + 1
+              for size, (lo, hi), k, s in zip(x_shape[1:3], padding, kernel_shape[:2], strides))
+    return ho, wo
+
+
 def worth_it(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
              padding: Padding) -> bool:
     """Whether to use the kernels for this convolution: outputs of at least MIN_OUTPUT_PIXELS pixels."""
-    out_hw = [(size + lo + hi - k) // s + 1
-              for size, (lo, hi), k, s in zip(x_shape[1:3], padding, kernel_shape[:2], strides)]
-    return out_hw[0] * out_hw[1] >= MIN_OUTPUT_PIXELS
+    ho, wo = _output_hw(x_shape, kernel_shape, strides, padding)
+    return ho * wo >= MIN_OUTPUT_PIXELS
 
 
 def _attributes(strides: Sequence[int], padding: Padding) -> dict:
@@ -112,11 +118,8 @@ def _attributes(strides: Sequence[int], padding: Padding) -> dict:
 
 def forward(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding) -> jax.Array:
     """NHWC x HWIO convolution (f32), as `lax.conv_general_dilated` with explicit padding computes it."""
-    n, h, w, _ = x.shape
-    kh, kw, _, out_channels = kernel.shape
-    ho = (h + sum(padding[0]) - kh) // strides[0] + 1
-    wo = (w + sum(padding[1]) - kw) // strides[1] + 1
-    call = jax.ffi.ffi_call(_FORWARD, jax.ShapeDtypeStruct((n, ho, wo, out_channels), x.dtype),
+    ho, wo = _output_hw(x.shape, kernel.shape, strides, padding)
+    call = jax.ffi.ffi_call(_FORWARD, jax.ShapeDtypeStruct((x.shape[0], ho, wo, kernel.shape[3]), x.dtype),
                             vmap_method="sequential")
     return call(x, kernel, **_attributes(strides, padding))
 

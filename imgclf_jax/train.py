@@ -450,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
             scorer = report.ValidationScorer(report.GALLERY_SIZE) if keep_scores else None
             val = evaluate_batches(eval_fn, state, input_pipeline.eval_batches(val_images, config.batch_size, rows),
                                    on_batch=scorer.add if scorer else None)
-            if scorer and (best_scores is None or val["accuracy"] >= best_accuracy):  # Ties: the later epoch.
+            if scorer and val["accuracy"] >= best_accuracy:  # Ties: the later epoch.
                 best_accuracy = val["accuracy"]
                 best_scores = scorer.scores(config, class_names, int(state.step), epoch, val_split.paths,
                                             f"{source.description} (validation)")
