@@ -79,6 +79,15 @@ int64_t RowChunk(const Geometry& g, int threads) {
   return std::max<int64_t>(1, g.n * g.ho / (4 * threads));
 }
 
+// The fixed split of n images x per_image items into the weight gradients' chunks, one partial sum of
+// partial_floats each: up to 32 chunks (fine enough for the threads to share the work evenly), fewer where
+// the partial sums would pass 16 MB, but at least 4 per thread; whole images where there are enough of them.
+int64_t WeightGradChunk(int64_t n, int64_t per_image, int64_t partial_floats, int threads) {
+  const int64_t items = n * per_image;
+  const int64_t chunks = std::max<int64_t>(4 * threads, std::min<int64_t>(32, (16 << 20) / (4 * partial_floats)));
+  return n >= chunks ? per_image * ((n + chunks - 1) / chunks) : (items + chunks - 1) / chunks;
+}
+
 // Image `image` of x into buf (hp, wp, c), with zeros wherever a window reads padding.
 void PadImage(const float* x, const Geometry& g, int64_t image, float* buf) {
   const float* src = x + image * g.h * g.w * g.c;
@@ -215,12 +224,8 @@ void WeightGrad(const float* x, const float* dy, float* dw, const Geometry& g) {
   const int64_t op = g.op(), len = g.len(), rows = g.kh * len;
   // One partial sum per chunk of output rows (a fixed split, whichever thread takes a chunk), added up in
   // chunk order: the result does not depend on how the threads happened to share the work.
-  // Up to 32 chunks (fine enough for the threads to share the work evenly), fewer where the partial sums
-  // would pass 16 MB, but at least 4 per thread; whole images where there are enough of them.
   const int threads = NumThreads();
-  const int64_t items = g.n * g.ho;
-  const int64_t chunks = std::max<int64_t>(4 * threads, std::min<int64_t>(32, (16 << 20) / (4 * rows * op)));
-  const int64_t chunk = g.n >= chunks ? g.ho * ((g.n + chunks - 1) / chunks) : (items + chunks - 1) / chunks;
+  const int64_t items = g.n * g.ho, chunk = WeightGradChunk(g.n, g.ho, rows * op, threads);
   std::vector<std::vector<float>> partial((items + chunk - 1) / chunk);
   ParallelChunks(items, chunk, threads, [&](int, auto& next) {
     std::vector<float> buf(g.hp * g.wp * g.c);
@@ -278,6 +283,271 @@ void WeightGrad(const float* x, const float* dy, float* dw, const Geometry& g) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions with at least kWinogradMinChannels input channels.
+//
+// Each 2x2 block of outputs ("tile") is computed from the 4x4 input window under it as
+//   Y = A^T [ (G w G^T) (.) (B^T d B) ] A
+// (Lavin & Gray, 2016): 16 elementwise products per input/output channel pair instead of 36 multiply-adds,
+// so 2.25x less arithmetic. The 16 products summed over input channels are 16 small matrix products
+// (tiles x C) . (C x O), which run in ForwardTile; the transforms are additions. The weight gradient is the
+// adjoint: dW = G^T [ sum over tiles (B^T d B) (.) (A dY A^T) ] G, whose inner sums are WeightGradTile's.
+// The transforms' coefficients are 0, +-1 and +-1/2, so results differ from a direct convolution by float
+// rounding only (tests/test_conv.py compares with XLA's).
+
+constexpr int64_t kWinogradTiles = 192;       // Tiles per block: one position's share stays in L1/L2.
+constexpr int64_t kWinogradMinChannels = 8;   // Fewer input channels: the direct kernels do better.
+
+bool UseWinograd(const Geometry& g) {
+  return g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.c >= kWinogradMinChannels;
+}
+
+using Vec8 = float __attribute__((vector_size(32)));  // GCC/Clang vector extension: 8 floats, + - * work.
+
+template <typename T>
+inline T Load(const float* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+template <typename T>
+inline void Store(float* p, T v) {
+  std::memcpy(p, &v, sizeof(T));
+}
+
+// Calls body(k, T{}) for channels k = 0, 8, 16, ... with T = Vec8, then one at a time with T = float.
+template <typename F>
+inline void ForChannels(int64_t count, F&& body) {
+  int64_t k = 0;
+  for (; k + 8 <= count; k += 8) body(k, Vec8{});
+  for (; k < count; ++k) body(k, 0.0f);
+}
+
+struct WinogradShape {
+  int64_t th, tw, tiles, blocks;  // tiles down and across one image, per image, blocks of tiles per image
+  explicit WinogradShape(const Geometry& g)
+      : th((g.ho + 1) / 2), tw((g.wo + 1) / 2), tiles(th * tw), blocks((th * tw + kWinogradTiles - 1) / kWinogradTiles) {}
+};
+
+// The geometry whose padded buffer covers whole 4x4 windows of every tile.
+Geometry WinogradPadded(Geometry g) {
+  const WinogradShape s(g);
+  g.hp = 2 * s.th + 2;
+  g.wp = 2 * s.tw + 2;
+  return g;
+}
+
+// v[xi][t][k] = (B^T d B)[xi] for the 4x4 window of tile `first + t` of the padded image, t < count.
+void InputTransform(const float* buf, const Geometry& g, const WinogradShape& s, int64_t first, int64_t count,
+                    float* v) {
+  const int64_t c = g.c, row = g.wp * c, plane = count * c;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t ty = (first + t) / s.tw, tx = (first + t) % s.tw;
+    const float* d = buf + 2 * ty * row + 2 * tx * c;
+    float* out = v + t * c;
+    ForChannels(c, [&](int64_t k, auto zero) {
+      using T = decltype(zero);
+      T x[4][4], bt[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int q = 0; q < 4; ++q) x[r][q] = Load<T>(d + r * row + q * c + k);
+      for (int q = 0; q < 4; ++q) {
+        bt[0][q] = x[0][q] - x[2][q];
+        bt[1][q] = x[1][q] + x[2][q];
+        bt[2][q] = x[2][q] - x[1][q];
+        bt[3][q] = x[1][q] - x[3][q];
+      }
+      for (int r = 0; r < 4; ++r) {
+        Store(out + (4 * r + 0) * plane + k, bt[r][0] - bt[r][2]);
+        Store(out + (4 * r + 1) * plane + k, bt[r][1] + bt[r][2]);
+        Store(out + (4 * r + 2) * plane + k, bt[r][2] - bt[r][1]);
+        Store(out + (4 * r + 3) * plane + k, bt[r][1] - bt[r][3]);
+      }
+    });
+  }
+}
+
+// u[xi][k][o] = (G w G^T)[xi] for the kernel's (k, o) 3x3 slice; output channels padded to op with zeros.
+std::vector<float> KernelTransform(const float* w, const Geometry& g) {
+  const int64_t op = g.op(), ko = g.c * op;
+  std::vector<float> u(16 * ko, 0.0f);
+  for (int64_t k = 0; k < g.c; ++k) {
+    for (int64_t o = 0; o < g.o; ++o) {
+      float x[3][3], gx[4][3];
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) x[i][j] = w[((i * 3 + j) * g.c + k) * g.o + o];
+      for (int j = 0; j < 3; ++j) {
+        gx[0][j] = x[0][j];
+        gx[1][j] = 0.5f * (x[0][j] + x[1][j] + x[2][j]);
+        gx[2][j] = 0.5f * (x[0][j] - x[1][j] + x[2][j]);
+        gx[3][j] = x[2][j];
+      }
+      for (int r = 0; r < 4; ++r) {
+        float* dst = &u[(4 * r) * ko + k * op + o];
+        dst[0 * ko] = gx[r][0];
+        dst[1 * ko] = 0.5f * (gx[r][0] + gx[r][1] + gx[r][2]);
+        dst[2 * ko] = 0.5f * (gx[r][0] - gx[r][1] + gx[r][2]);
+        dst[3 * ko] = gx[r][2];
+      }
+    }
+  }
+  return u;
+}
+
+// Tiles `first + t` (t < count) of image `image` of y from m[xi][t][o]: Y = A^T m A, cut at the image's edge.
+void OutputTransform(const float* m, const Geometry& g, const WinogradShape& s, int64_t first, int64_t count,
+                     float* y_image) {
+  const int64_t op = g.op(), plane = count * op;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t ty = (first + t) / s.tw, tx = (first + t) % s.tw;
+    const int rows = 2 * ty + 1 < g.ho ? 2 : 1, cols = 2 * tx + 1 < g.wo ? 2 : 1;
+    const float* src = m + t * op;
+    float* dst = y_image + (2 * ty * g.wo + 2 * tx) * g.o;
+    ForChannels(g.o, [&](int64_t o, auto zero) {
+      using T = decltype(zero);
+      T x[4][4], at[2][4];
+      for (int r = 0; r < 4; ++r)
+        for (int q = 0; q < 4; ++q) x[r][q] = Load<T>(src + (4 * r + q) * plane + o);
+      for (int q = 0; q < 4; ++q) {
+        at[0][q] = x[0][q] + x[1][q] + x[2][q];
+        at[1][q] = x[1][q] - x[2][q] - x[3][q];
+      }
+      for (int a = 0; a < rows; ++a) {
+        Store(dst + a * g.wo * g.o + o, at[a][0] + at[a][1] + at[a][2]);
+        if (cols == 2) Store(dst + (a * g.wo + 1) * g.o + o, at[a][1] - at[a][2] - at[a][3]);
+      }
+    });
+  }
+}
+
+// e[xi][t][o] = (A dY A^T)[xi] for tile `first + t`'s 2x2 output gradients (zero beyond the image's edge);
+// output channels padded to op with zeros.
+void OutputGradTransform(const float* dy_image, const Geometry& g, const WinogradShape& s, int64_t first,
+                         int64_t count, float* e) {
+  const int64_t op = g.op(), plane = count * op;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t ty = (first + t) / s.tw, tx = (first + t) % s.tw;
+    const bool row1 = 2 * ty + 1 < g.ho, col1 = 2 * tx + 1 < g.wo;
+    const float* src = dy_image + (2 * ty * g.wo + 2 * tx) * g.o;
+    float* out = e + t * op;
+    ForChannels(g.o, [&](int64_t o, auto zero) {
+      using T = decltype(zero);
+      const T d00 = Load<T>(src + o), d01 = col1 ? Load<T>(src + g.o + o) : zero;
+      const T d10 = row1 ? Load<T>(src + g.wo * g.o + o) : zero;
+      const T d11 = row1 && col1 ? Load<T>(src + (g.wo + 1) * g.o + o) : zero;
+      const T col[4][2] = {{d00, d01}, {d00 + d10, d01 + d11}, {d00 - d10, d01 - d11}, {-d10, -d11}};
+      for (int r = 0; r < 4; ++r) {
+        Store(out + (4 * r + 0) * plane + o, col[r][0]);
+        Store(out + (4 * r + 1) * plane + o, col[r][0] + col[r][1]);
+        Store(out + (4 * r + 2) * plane + o, col[r][0] - col[r][1]);
+        Store(out + (4 * r + 3) * plane + o, -col[r][1]);
+      }
+    });
+    if (g.o != op)
+      for (int xi = 0; xi < 16; ++xi) std::memset(out + xi * plane + g.o, 0, sizeof(float) * (op - g.o));
+  }
+}
+
+void WinogradForward(const float* x, const float* w, float* y, const Geometry& geometry) {
+  const Geometry g = WinogradPadded(geometry);
+  const WinogradShape s(g);
+  const std::vector<float> u = KernelTransform(w, g);
+  const int64_t op = g.op(), c = g.c;
+  const int threads = NumThreads();
+  const int64_t chunk = g.n >= 4 * threads ? s.blocks : 1;
+  ParallelChunks(g.n * s.blocks, chunk, threads, [&](int, auto& next) {
+    std::vector<float> buf(g.hp * g.wp * c), v(16 * kWinogradTiles * c), m(16 * kWinogradTiles * op);
+    int64_t padded_image = -1, begin, end;
+    while (next(&begin, &end)) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t image = item / s.blocks, first = (item % s.blocks) * kWinogradTiles;
+        const int64_t count = std::min(kWinogradTiles, s.tiles - first);
+        if (image != padded_image) {
+          PadImage(x, g, image, buf.data());
+          padded_image = image;
+        }
+        InputTransform(buf.data(), g, s, first, count, v.data());
+        for (int64_t xi = 0; xi < 16; ++xi) {
+          const float* vx = v.data() + xi * count * c;
+          float* mx = m.data() + xi * count * op;
+          for (int64_t ob = 0; ob < op; ob += 16) {
+            const int vectors = op - ob >= 16 ? 2 : 1;
+            for (int64_t t = 0; t < count; t += kMaxRows) {
+              const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, count - t));
+              Pick<ForwardKernel, ForwardFn>(rows, vectors)(vx + t * c, c, 0, u.data() + xi * c * op + ob, op, 1,
+                                                           c, mx + t * op + ob, op, 8 * vectors);
+            }
+          }
+        }
+        OutputTransform(m.data(), g, s, first, count, y + image * g.ho * g.wo * g.o);
+      }
+    }
+  });
+}
+
+void WinogradWeightGrad(const float* x, const float* dy, float* dw, const Geometry& geometry) {
+  const Geometry g = WinogradPadded(geometry);
+  const WinogradShape s(g);
+  const int64_t op = g.op(), c = g.c, size = 16 * c * op;
+  const int threads = NumThreads();
+  const int64_t items = g.n * s.blocks, chunk = WeightGradChunk(g.n, s.blocks, size, threads);
+  std::vector<std::vector<float>> partial((items + chunk - 1) / chunk);
+  ParallelChunks(items, chunk, threads, [&](int, auto& next) {
+    std::vector<float> buf(g.hp * g.wp * c), v(16 * kWinogradTiles * c), e(16 * kWinogradTiles * op);
+    std::vector<int64_t> v_offsets(kWinogradTiles), e_offsets(kWinogradTiles);
+    int64_t padded_image = -1, begin, end;
+    while (next(&begin, &end)) {
+      std::vector<float>& total = partial[begin / chunk];
+      total.assign(size, 0.0f);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t image = item / s.blocks, first = (item % s.blocks) * kWinogradTiles;
+        const int64_t count = std::min(kWinogradTiles, s.tiles - first);
+        if (image != padded_image) {
+          PadImage(x, g, image, buf.data());
+          padded_image = image;
+        }
+        InputTransform(buf.data(), g, s, first, count, v.data());
+        OutputGradTransform(dy + image * g.ho * g.wo * g.o, g, s, first, count, e.data());
+        for (int64_t t = 0; t < count; ++t) {
+          v_offsets[t] = t * c;
+          e_offsets[t] = t * op;
+        }
+        for (int64_t xi = 0; xi < 16; ++xi) {
+          for (int64_t k = 0; k < c; k += kMaxRows) {
+            const int block = static_cast<int>(std::min<int64_t>(kMaxRows, c - k));
+            for (int64_t ob = 0; ob < op; ob += 16) {
+              const int vectors = op - ob >= 16 ? 2 : 1;
+              Pick<WeightGradKernel, WeightGradFn>(block, vectors)(
+                  v.data() + xi * count * c + k, v_offsets.data(), e.data() + xi * count * op + ob,
+                  e_offsets.data(), count, total.data() + (xi * c + k) * op + ob, op);
+            }
+          }
+        }
+      }
+    }
+  });
+  // dW = G^T M G, M being the chunks' sums added in chunk order.
+  std::vector<float>& sum = partial[0];
+  for (size_t part = 1; part < partial.size(); ++part)
+    for (int64_t i = 0; i < size; ++i) sum[i] += partial[part][i];
+  for (int64_t k = 0; k < c; ++k) {
+    for (int64_t o = 0; o < g.o; ++o) {
+      float m[4][4], gm[3][4];
+      for (int xi = 0; xi < 16; ++xi) m[xi / 4][xi % 4] = sum[(xi * c + k) * op + o];
+      for (int q = 0; q < 4; ++q) {
+        gm[0][q] = m[0][q] + 0.5f * (m[1][q] + m[2][q]);
+        gm[1][q] = 0.5f * (m[1][q] - m[2][q]);
+        gm[2][q] = 0.5f * (m[1][q] + m[2][q]) + m[3][q];
+      }
+      for (int i = 0; i < 3; ++i) {
+        float* dst = dw + (i * 3 * c + k) * g.o + o;
+        dst[0] = gm[i][0] + 0.5f * (gm[i][1] + gm[i][2]);
+        dst[c * g.o] = 0.5f * (gm[i][1] - gm[i][2]);
+        dst[2 * c * g.o] = 0.5f * (gm[i][1] + gm[i][2]) + gm[i][3];
+      }
+    }
+  }
+}
+
 ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
                         int64_t sh, int64_t sw, int64_t pt, int64_t pl, Geometry* g) {
   if (x.size() != 4 || w.size() != 4 || y.size() != 4)
@@ -297,7 +567,10 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Re
                             pad_left, &g);
       e.failure())
     return e;
-  Forward(x.typed_data(), w.typed_data(), y->typed_data(), g);
+  if (UseWinograd(g))
+    WinogradForward(x.typed_data(), w.typed_data(), y->typed_data(), g);
+  else
+    Forward(x.typed_data(), w.typed_data(), y->typed_data(), g);
   return ffi::Error::Success();
 }
 
@@ -308,7 +581,10 @@ ffi::Error WeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi
                             pad_left, &g);
       e.failure())
     return e;
-  WeightGrad(x.typed_data(), dy.typed_data(), dw->typed_data(), g);
+  if (UseWinograd(g))
+    WinogradWeightGrad(x.typed_data(), dy.typed_data(), dw->typed_data(), g);
+  else
+    WeightGrad(x.typed_data(), dy.typed_data(), dw->typed_data(), g);
   return ffi::Error::Success();
 }
 

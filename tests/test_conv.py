@@ -32,6 +32,12 @@ NATIVE_CASES = [  # Shapes that exercise the native kernels' blocking; the matmu
     ((1, 9, 8, 3), (3, 3, 3, 16), (1, 1), ((3, 0), (2, 2))),
     # A stride that leaves input rows unread.
     ((2, 12, 12, 8), (3, 3, 8, 16), (2, 2), "VALID"),
+    # 3x3 stride 1 with >= 8 input channels (Winograd): odd output sides (half tiles), ragged channel counts,
+    # more than one block of 192 tiles per image, lopsided padding, VALID.
+    ((2, 11, 13, 9), (3, 3, 9, 27), (1, 1), "SAME"),
+    ((2, 30, 29, 8), (3, 3, 8, 16), (1, 1), "SAME"),
+    ((1, 10, 9, 12), (3, 3, 12, 20), (1, 1), ((2, 0), (0, 1))),
+    ((3, 8, 7, 16), (3, 3, 16, 8), (1, 1), "VALID"),
 ]
 NATIVE_EXPECTED = platform.machine().lower() in ("x86_64", "amd64") and any(
     shutil.which(c) for c in ("c++", "g++", "clang++"))
