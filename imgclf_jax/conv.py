@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from imgclf_jax import cpu_conv
+from imgclf_jax import cpu_conv, pooling
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 Padding = cpu_conv.Padding
@@ -146,3 +146,46 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         dimension_numbers, feature_group_count, precision=precision,
                                         **kwargs)
     return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), pads, impl)
+
+
+def conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str) -> jax.Array:
+    """max_pool_2x2(relu(conv(x, kernel, stride 1, 'SAME') + bias)): a CNN block (flax's nn.Conv, nn.relu and
+    `pooling.max_pool` compute the same). With impl 'native' and float32 this is one fused op whose
+    full-size output (and its gradient) is never written to memory: on this project's tutorial CNN those
+    passes over 66 MB arrays cost more than the first layer's convolution (docs/performance.md). Its gradients
+    equal jax.grad of the unfused layers up to float rounding (tests/test_conv.py); other impls, dtypes and
+    small outputs compute the unfused layers.
+    """
+    pads = explicit_padding("SAME", x.shape[1:3], kernel.shape[:2], (1, 1))
+    full_hw = cpu_conv.output_hw(x.shape, kernel.shape, (1, 1), pads)
+    fused = (impl == "native" and x.dtype == kernel.dtype == bias.dtype == jnp.float32 and min(full_hw) >= 2
+             and _transposed_padding(kernel.shape[:2], pads) is not None and cpu_conv.available()
+             and cpu_conv.worth_it(x.shape, kernel.shape, (1, 1), pads))
+    if fused:
+        return _fused_conv_relu_pool(x, kernel, bias, pads)
+    conv_fn = lax.conv_general_dilated if impl == "xla" else functools.partial(conv_general_dilated, impl=impl)
+    y = conv_fn(x, kernel, (1, 1), "SAME", dimension_numbers=_NHWC) + bias
+    return pooling.max_pool(jax.nn.relu(y), (2, 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_conv_relu_pool(x, kernel, bias, padding):
+    return cpu_conv.relu_pool(x, kernel, bias, (1, 1), padding)[0]
+
+
+def _fused_fwd(x, kernel, bias, padding):
+    y, choice = cpu_conv.relu_pool(x, kernel, bias, (1, 1), padding)
+    return y, (x, kernel, choice)
+
+
+def _fused_bwd(padding, residuals, dy):
+    x, kernel, choice = residuals
+    dbias = jnp.sum(jnp.where(choice < 4, dy, 0.0), axis=(0, 1, 2))  # Over the pooled gradient: 4x less to read.
+    dkernel = cpu_conv.pooled_weight_gradient(x, dy, choice, kernel.shape, (1, 1), padding)
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    full_hw = cpu_conv.output_hw(x.shape, kernel.shape, (1, 1), padding)
+    dx = cpu_conv.pooled_forward(dy, choice, flipped, full_hw, _transposed_padding(kernel.shape[:2], padding))
+    return dx, dkernel, dbias
+
+
+_fused_conv_relu_pool.defvjp(_fused_fwd, _fused_bwd)

@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -72,11 +73,11 @@ void ParallelChunks(int64_t count, int64_t chunk, int threads, F&& body) {
   for (auto& worker : workers) worker.join();
 }
 
-// Chunks of output rows for the forward pass: whole images when there are plenty, else about four chunks
-// per thread.
-int64_t RowChunk(const Geometry& g, int threads) {
-  if (g.n >= 4 * threads) return g.ho;
-  return std::max<int64_t>(1, g.n * g.ho / (4 * threads));
+// Chunks of the forward pass's items (output rows, or pairs of them when pooling): whole images when there
+// are plenty, else about four chunks per thread.
+int64_t RowChunk(int64_t n, int64_t per_image, int threads) {
+  if (n >= 4 * threads) return per_image;
+  return std::max<int64_t>(1, n * per_image / (4 * threads));
 }
 
 // The fixed split of n images x per_image items into the weight gradients' chunks, one partial sum of
@@ -88,9 +89,51 @@ int64_t WeightGradChunk(int64_t n, int64_t per_image, int64_t partial_floats, in
   return n >= chunks ? per_image * ((n + chunks - 1) / chunks) : (items + chunks - 1) / chunks;
 }
 
-// Image `image` of x into buf (hp, wp, c), with zeros wherever a window reads padding.
-void PadImage(const float* x, const Geometry& g, int64_t image, float* buf) {
-  const float* src = x + image * g.h * g.w * g.c;
+// Where the kernels read an NHWC image from: a plain (n, h, w, c) array, or the gradient of a convolution that
+// is followed by bias, ReLU and 2x2 max-pooling, held as the pooled gradient (n, h/2, w/2, c) and the pool's
+// choices (which of the window's four positions gave the maximum; 4 where it was not positive) and expanded
+// on the fly: the full-size gradient is never written to memory.
+struct ImageSource {
+  const float* data;
+  const uint8_t* choice;  // null for a plain array
+  int64_t h, w, c;        // the full-size image
+
+  // Columns [x0, x1) of row y of image `image` into dst, one pixel every pixel_stride floats.
+  void Row(int64_t image, int64_t y, int64_t x0, int64_t x1, float* dst, int64_t pixel_stride) const {
+    if (choice == nullptr) {
+      const float* src = data + ((image * h + y) * w + x0) * c;
+      if (pixel_stride == c) {
+        std::memcpy(dst, src, sizeof(float) * (x1 - x0) * c);
+      } else {
+        for (int64_t x = x0; x < x1; ++x) std::memcpy(dst + (x - x0) * pixel_stride, src + (x - x0) * c, sizeof(float) * c);
+      }
+      return;
+    }
+    const int64_t ph = h / 2, pw = w / 2;
+    for (int64_t x = x0; x < x1; ++x) {
+      float* out = dst + (x - x0) * pixel_stride;
+      if (y >= 2 * ph || x >= 2 * pw) {  // Rows and columns the pooling dropped.
+        std::memset(out, 0, sizeof(float) * c);
+        continue;
+      }
+      const int position = static_cast<int>((y % 2) * 2 + x % 2);
+      const int64_t at = ((image * ph + y / 2) * pw + x / 2) * c;
+      const __m256i wanted = _mm256_set1_epi32(position);
+      int64_t k = 0;
+      for (; k + 8 <= c; k += 8) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(choice + at + k));
+        const __m256i chosen = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(bytes), wanted);
+        _mm256_storeu_ps(out + k, _mm256_and_ps(_mm256_castsi256_ps(chosen), _mm256_loadu_ps(data + at + k)));
+      }
+      for (; k < c; ++k) out[k] = choice[at + k] == position ? data[at + k] : 0.0f;
+    }
+  }
+};
+
+ImageSource Plain(const float* data, int64_t h, int64_t w, int64_t c) { return {data, nullptr, h, w, c}; }
+
+// Image `image` of the source into buf (hp, wp, c), with zeros wherever a window reads padding.
+void PadImage(const ImageSource& x, const Geometry& g, int64_t image, float* buf) {
   const int64_t lo = std::clamp<int64_t>(g.pl, 0, g.wp), hi = std::clamp<int64_t>(g.pl + g.w, 0, g.wp);
   for (int64_t yy = 0; yy < g.hp; ++yy) {
     float* dst = buf + yy * g.wp * g.c;
@@ -100,9 +143,60 @@ void PadImage(const float* x, const Geometry& g, int64_t image, float* buf) {
       continue;
     }
     std::memset(dst, 0, sizeof(float) * lo * g.c);
-    std::memcpy(dst + lo * g.c, src + (y * g.w + (lo - g.pl)) * g.c, sizeof(float) * (hi - lo) * g.c);
+    x.Row(image, y, lo - g.pl, hi - g.pl, dst + lo * g.c, g.c);
     std::memset(dst + hi * g.c, 0, sizeof(float) * (g.wp - hi) * g.c);
   }
+}
+
+// Where a forward pass writes: y (n, ho, wo, o); or, for a convolution followed by bias, ReLU and 2x2
+// max-pooling, the pooled y (n, ho/2, wo/2, o) and the pool's choices (see ImageSource).
+struct Output {
+  float* y;
+  const float* bias;  // pooled output only
+  uint8_t* choice;    // null: plain output
+
+  bool pooled() const { return choice != nullptr; }
+};
+
+template <typename T>
+inline T Load(const float* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+template <typename T>
+inline void Store(float* p, T v) {
+  std::memcpy(p, &v, sizeof(T));
+}
+
+using Vec8 = float __attribute__((vector_size(32)));  // GCC/Clang vector extension: 8 floats, + - * ?: work.
+
+// Calls body(k, T{}) for channels k = 0, 8, 16, ... with T = Vec8, then one at a time with T = float.
+template <typename F>
+inline void ForChannels(int64_t count, F&& body) {
+  int64_t k = 0;
+  for (; k + 8 <= count; k += 8) body(k, Vec8{});
+  for (; k < count; ++k) body(k, 0.0f);
+}
+
+// One 2x2 window (v0..v3 in row-major order) of a channel vector: y = relu(max(v + bias)) and the position of
+// the first maximum, or 4 where the maximum is not positive (ReLU's gradient is 0 there). Bias is added
+// before comparing, as the layers it replaces do, so rounding picks the same position.
+template <typename T>
+inline void PoolWindow(T v0, T v1, T v2, T v3, T bias, float* y, uint8_t* choice) {
+  const T zero{};
+  T best = v0 + bias, at = zero;
+  const T values[3] = {v1 + bias, v2 + bias, v3 + bias};
+  for (int i = 0; i < 3; ++i) {
+    const auto larger = values[i] > best;  // Strict: the first of equal values stays.
+    best = larger ? values[i] : best;
+    at = larger ? zero + static_cast<float>(i + 1) : at;
+  }
+  const auto positive = best > zero;
+  Store(y, positive ? best : zero);
+  float positions[sizeof(T) / sizeof(float)];
+  Store(positions, positive ? at : zero + 4.0f);
+  for (size_t l = 0; l < sizeof(T) / sizeof(float); ++l) choice[l] = static_cast<uint8_t>(positions[l]);
 }
 
 // NR output pixels (`pixel_step` floats apart in the padded image) x NV*8 output channels.
@@ -188,39 +282,64 @@ std::vector<float> PackKernel(const float* w, const Geometry& g) {
   return packed;
 }
 
-void Forward(const float* x, const float* w, float* y, const Geometry& g) {
+// One output row (wo pixels x o channels) from the padded image's rows starting at `row`.
+void ForwardRow(const float* row, const float* packed, const Geometry& g, float* out_row) {
+  const int64_t op = g.op();
+  // Output channels outer, pixels inner: one block's weights (kh * len * 16 floats) stay in L1/L2.
+  for (int64_t ob = 0; ob < op; ob += 16) {
+    const int vectors = op - ob >= 16 ? 2 : 1;
+    const int64_t valid = std::min<int64_t>(8 * vectors, g.o - ob);
+    for (int64_t ox = 0; ox < g.wo; ox += kMaxRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, g.wo - ox));
+      Pick<ForwardKernel, ForwardFn>(rows, vectors)(row + ox * g.sw * g.c, g.sw * g.c, g.wp * g.c, packed + ob, op,
+                                                   g.kh, g.len(), out_row + ox * g.o + ob, g.o, valid);
+    }
+  }
+}
+
+// Pooled row `py` of image `image` from the two output rows under it (each wo x o).
+void PoolRows(const float* top, const float* bottom, const Geometry& g, const Output& out, int64_t image,
+              int64_t py) {
+  const int64_t pw = g.wo / 2, at = (image * (g.ho / 2) + py) * pw * g.o;
+  for (int64_t px = 0; px < pw; ++px) {
+    const float *t = top + 2 * px * g.o, *b = bottom + 2 * px * g.o;
+    ForChannels(g.o, [&](int64_t k, auto zero) {
+      using T = decltype(zero);
+      PoolWindow(Load<T>(t + k), Load<T>(t + g.o + k), Load<T>(b + k), Load<T>(b + g.o + k),
+                 Load<T>(out.bias + k), out.y + at + px * g.o + k, out.choice + at + px * g.o + k);
+    });
+  }
+}
+
+void Forward(const ImageSource& x, const float* w, const Output& out, const Geometry& g) {
   const std::vector<float> packed = PackKernel(w, g);
-  const int64_t op = g.op(), len = g.len();
   const int threads = NumThreads();
-  ParallelChunks(g.n * g.ho, RowChunk(g, threads), threads, [&](int, auto& next) {
-    std::vector<float> buf(g.hp * g.wp * g.c);
+  const int64_t per_image = out.pooled() ? g.ho / 2 : g.ho;  // Items: output rows, or pairs when pooling.
+  ParallelChunks(g.n * per_image, RowChunk(g.n, per_image, threads), threads, [&](int, auto& next) {
+    std::vector<float> buf(g.hp * g.wp * g.c), rows(out.pooled() ? 2 * g.wo * g.o : 0);
+    const int64_t row_floats = g.sh * g.wp * g.c;
     int64_t padded_image = -1, begin, end;
     while (next(&begin, &end)) {
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t image = item / g.ho, oy = item % g.ho;
+        const int64_t image = item / per_image, r = item % per_image;
         if (image != padded_image) {
           PadImage(x, g, image, buf.data());
           padded_image = image;
         }
-        const float* row = buf.data() + oy * g.sh * g.wp * g.c;
-        float* out_row = y + (image * g.ho + oy) * g.wo * g.o;
-        // Output channels outer, pixels inner: one block's weights (kh * len * 16 floats) stay in L1/L2.
-        for (int64_t ob = 0; ob < op; ob += 16) {
-          const int vectors = op - ob >= 16 ? 2 : 1;
-          const int64_t valid = std::min<int64_t>(8 * vectors, g.o - ob);
-          for (int64_t ox = 0; ox < g.wo; ox += kMaxRows) {
-            const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, g.wo - ox));
-            Pick<ForwardKernel, ForwardFn>(rows, vectors)(row + ox * g.sw * g.c, g.sw * g.c, g.wp * g.c,
-                                                         packed.data() + ob, op, g.kh, len,
-                                                         out_row + ox * g.o + ob, g.o, valid);
-          }
+        if (!out.pooled()) {
+          ForwardRow(buf.data() + r * row_floats, packed.data(), g, out.y + (image * g.ho + r) * g.wo * g.o);
+          continue;
         }
+        float* bottom = rows.data() + g.wo * g.o;
+        ForwardRow(buf.data() + 2 * r * row_floats, packed.data(), g, rows.data());
+        ForwardRow(buf.data() + (2 * r + 1) * row_floats, packed.data(), g, bottom);
+        PoolRows(rows.data(), bottom, g, out, image, r);
       }
     }
   });
 }
 
-void WeightGrad(const float* x, const float* dy, float* dw, const Geometry& g) {
+void WeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, const Geometry& g) {
   const int64_t op = g.op(), len = g.len(), rows = g.kh * len;
   // One partial sum per chunk of output rows (a fixed split, whichever thread takes a chunk), added up in
   // chunk order: the result does not depend on how the threads happened to share the work.
@@ -229,7 +348,8 @@ void WeightGrad(const float* x, const float* dy, float* dw, const Geometry& g) {
   std::vector<std::vector<float>> partial((items + chunk - 1) / chunk);
   ParallelChunks(items, chunk, threads, [&](int, auto& next) {
     std::vector<float> buf(g.hp * g.wp * g.c);
-    std::vector<float> dy_padded(g.o == op ? 0 : g.ho * g.wo * op, 0.0f);
+    const bool copy_dy = g.o != op || dy.choice != nullptr;
+    std::vector<float> dy_copy(copy_dy ? g.ho * g.wo * op : 0, 0.0f);
     std::vector<int64_t> a_offsets(kTilePixels), d_offsets(kTilePixels);
     int64_t item, end;
     while (next(&item, &end)) {
@@ -239,12 +359,11 @@ void WeightGrad(const float* x, const float* dy, float* dw, const Geometry& g) {
         const int64_t image = item / g.ho;
         const int64_t image_end = std::min(end, (image + 1) * g.ho);
         PadImage(x, g, image, buf.data());
-        const float* d = dy + image * g.ho * g.wo * g.o;
+        const float* d = dy.data + image * g.ho * g.wo * g.o;
         int64_t d_stride = g.o;
-        if (g.o != op) {  // Rows of whole vectors, zero-padded.
-          for (int64_t p = 0; p < g.ho * g.wo; ++p)
-            std::memcpy(&dy_padded[p * op], d + p * g.o, sizeof(float) * g.o);
-          d = dy_padded.data();
+        if (copy_dy) {  // Pixels of whole vectors (zero-padded), expanded from a pooled gradient if need be.
+          for (int64_t oy = 0; oy < g.ho; ++oy) dy.Row(image, oy, 0, g.wo, &dy_copy[oy * g.wo * op], op);
+          d = dy_copy.data();
           d_stride = op;
         }
         // Tiles of up to kTilePixels output pixels of this image, in rows [item, image_end).
@@ -300,27 +419,6 @@ constexpr int64_t kWinogradMinChannels = 8;   // Fewer input channels: the direc
 
 bool UseWinograd(const Geometry& g) {
   return g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.c >= kWinogradMinChannels;
-}
-
-using Vec8 = float __attribute__((vector_size(32)));  // GCC/Clang vector extension: 8 floats, + - * work.
-
-template <typename T>
-inline T Load(const float* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
-template <typename T>
-inline void Store(float* p, T v) {
-  std::memcpy(p, &v, sizeof(T));
-}
-
-// Calls body(k, T{}) for channels k = 0, 8, 16, ... with T = Vec8, then one at a time with T = float.
-template <typename F>
-inline void ForChannels(int64_t count, F&& body) {
-  int64_t k = 0;
-  for (; k + 8 <= count; k += 8) body(k, Vec8{});
-  for (; k < count; ++k) body(k, 0.0f);
 }
 
 struct WinogradShape {
@@ -393,28 +491,37 @@ std::vector<float> KernelTransform(const float* w, const Geometry& g) {
   return u;
 }
 
-// Tiles `first + t` (t < count) of image `image` of y from m[xi][t][o]: Y = A^T m A, cut at the image's edge.
+// Tiles `first + t` (t < count) of image `image` from m[xi][t][o]: Y = A^T m A, cut at the image's edge; or,
+// for a pooled output, each tile's 2x2 outputs are one pooling window.
 void OutputTransform(const float* m, const Geometry& g, const WinogradShape& s, int64_t first, int64_t count,
-                     float* y_image) {
-  const int64_t op = g.op(), plane = count * op;
+                     const Output& out, int64_t image) {
+  const int64_t op = g.op(), plane = count * op, ph = g.ho / 2, pw = g.wo / 2;
   for (int64_t t = 0; t < count; ++t) {
     const int64_t ty = (first + t) / s.tw, tx = (first + t) % s.tw;
+    if (out.pooled() && (ty >= ph || tx >= pw)) continue;  // Outputs the pooling drops.
     const int rows = 2 * ty + 1 < g.ho ? 2 : 1, cols = 2 * tx + 1 < g.wo ? 2 : 1;
     const float* src = m + t * op;
-    float* dst = y_image + (2 * ty * g.wo + 2 * tx) * g.o;
+    const int64_t at = out.pooled() ? ((image * ph + ty) * pw + tx) * g.o
+                                    : ((image * g.ho + 2 * ty) * g.wo + 2 * tx) * g.o;
     ForChannels(g.o, [&](int64_t o, auto zero) {
       using T = decltype(zero);
-      T x[4][4], at[2][4];
+      T x[4][4], a[2][4], y[2][2];
       for (int r = 0; r < 4; ++r)
         for (int q = 0; q < 4; ++q) x[r][q] = Load<T>(src + (4 * r + q) * plane + o);
       for (int q = 0; q < 4; ++q) {
-        at[0][q] = x[0][q] + x[1][q] + x[2][q];
-        at[1][q] = x[1][q] - x[2][q] - x[3][q];
+        a[0][q] = x[0][q] + x[1][q] + x[2][q];
+        a[1][q] = x[1][q] - x[2][q] - x[3][q];
       }
-      for (int a = 0; a < rows; ++a) {
-        Store(dst + a * g.wo * g.o + o, at[a][0] + at[a][1] + at[a][2]);
-        if (cols == 2) Store(dst + (a * g.wo + 1) * g.o + o, at[a][1] - at[a][2] - at[a][3]);
+      for (int r = 0; r < 2; ++r) {
+        y[r][0] = a[r][0] + a[r][1] + a[r][2];
+        y[r][1] = a[r][1] - a[r][2] - a[r][3];
       }
+      if (out.pooled()) {
+        PoolWindow(y[0][0], y[0][1], y[1][0], y[1][1], Load<T>(out.bias + o), out.y + at + o, out.choice + at + o);
+        return;
+      }
+      for (int r = 0; r < rows; ++r)
+        for (int q = 0; q < cols; ++q) Store(out.y + at + (r * g.wo + q) * g.o + o, y[r][q]);
     });
   }
 }
@@ -447,7 +554,7 @@ void OutputGradTransform(const float* dy_image, const Geometry& g, const Winogra
   }
 }
 
-void WinogradForward(const float* x, const float* w, float* y, const Geometry& geometry) {
+void WinogradForward(const ImageSource& x, const float* w, const Output& out, const Geometry& geometry) {
   const Geometry g = WinogradPadded(geometry);
   const WinogradShape s(g);
   const std::vector<float> u = KernelTransform(w, g);
@@ -478,13 +585,13 @@ void WinogradForward(const float* x, const float* w, float* y, const Geometry& g
             }
           }
         }
-        OutputTransform(m.data(), g, s, first, count, y + image * g.ho * g.wo * g.o);
+        OutputTransform(m.data(), g, s, first, count, out, image);
       }
     }
   });
 }
 
-void WinogradWeightGrad(const float* x, const float* dy, float* dw, const Geometry& geometry) {
+void WinogradWeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, const Geometry& geometry) {
   const Geometry g = WinogradPadded(geometry);
   const WinogradShape s(g);
   const int64_t op = g.op(), c = g.c, size = 16 * c * op;
@@ -494,6 +601,7 @@ void WinogradWeightGrad(const float* x, const float* dy, float* dw, const Geomet
   ParallelChunks(items, chunk, threads, [&](int, auto& next) {
     std::vector<float> buf(g.hp * g.wp * c), v(16 * kWinogradTiles * c), e(16 * kWinogradTiles * op);
     std::vector<int64_t> v_offsets(kWinogradTiles), e_offsets(kWinogradTiles);
+    std::vector<float> dy_expanded(dy.choice != nullptr ? g.ho * g.wo * g.o : 0);
     int64_t padded_image = -1, begin, end;
     while (next(&begin, &end)) {
       std::vector<float>& total = partial[begin / chunk];
@@ -501,12 +609,16 @@ void WinogradWeightGrad(const float* x, const float* dy, float* dw, const Geomet
       for (int64_t item = begin; item < end; ++item) {
         const int64_t image = item / s.blocks, first = (item % s.blocks) * kWinogradTiles;
         const int64_t count = std::min(kWinogradTiles, s.tiles - first);
+        const float* dy_image = dy.data + image * g.ho * g.wo * g.o;
         if (image != padded_image) {
           PadImage(x, g, image, buf.data());
+          if (dy.choice != nullptr)
+            for (int64_t oy = 0; oy < g.ho; ++oy) dy.Row(image, oy, 0, g.wo, &dy_expanded[oy * g.wo * g.o], g.o);
           padded_image = image;
         }
+        if (dy.choice != nullptr) dy_image = dy_expanded.data();
         InputTransform(buf.data(), g, s, first, count, v.data());
-        OutputGradTransform(dy + image * g.ho * g.wo * g.o, g, s, first, count, e.data());
+        OutputGradTransform(dy_image, g, s, first, count, e.data());
         for (int64_t t = 0; t < count; ++t) {
           v_offsets[t] = t * c;
           e_offsets[t] = t * op;
@@ -560,50 +672,128 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, 
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-                       int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left) {
+void RunForward(const ImageSource& x, const float* w, const Output& out, const Geometry& g) {
+  if (UseWinograd(g))
+    WinogradForward(x, w, out, g);
+  else
+    Forward(x, w, out, g);
+}
+
+void RunWeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, const Geometry& g) {
+  if (UseWinograd(g))
+    WinogradWeightGrad(x, dy, dw, g);
+  else
+    WeightGrad(x, dy, dw, g);
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+using U8 = ffi::Buffer<ffi::U8>;
+
+// A pooled array's shape: (n, full_h / 2, full_w / 2, c) for the unpooled image (n, full_h, full_w, c).
+bool IsPooled(ffi::Span<const int64_t> pooled, int64_t n, int64_t full_h, int64_t full_w, int64_t c) {
+  return pooled.size() == 4 && pooled[0] == n && pooled[1] == full_h / 2 && pooled[2] == full_w / 2 &&
+         pooled[3] == c && full_h >= 2 && full_w >= 2;
+}
+
+const ffi::Error kBadPooledShape = ffi::Error::InvalidArgument("imgclf conv: pooled arrays of the wrong shape");
+
+ffi::Error ForwardImpl(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
+                       int64_t pad_top, int64_t pad_left) {
   Geometry g;
   if (auto e = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), stride_h, stride_w, pad_top,
                             pad_left, &g);
       e.failure())
     return e;
-  if (UseWinograd(g))
-    WinogradForward(x.typed_data(), w.typed_data(), y->typed_data(), g);
-  else
-    Forward(x.typed_data(), w.typed_data(), y->typed_data(), g);
+  RunForward(Plain(x.typed_data(), g.h, g.w, g.c), w.typed_data(), {y->typed_data(), nullptr, nullptr}, g);
   return ffi::Error::Success();
 }
 
-ffi::Error WeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
-                          int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left) {
+ffi::Error WeightGradImpl(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, int64_t stride_h, int64_t stride_w,
+                          int64_t pad_top, int64_t pad_left) {
   Geometry g;
   if (auto e = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), stride_h, stride_w, pad_top,
                             pad_left, &g);
       e.failure())
     return e;
-  if (UseWinograd(g))
-    WinogradWeightGrad(x.typed_data(), dy.typed_data(), dw->typed_data(), g);
-  else
-    WeightGrad(x.typed_data(), dy.typed_data(), dw->typed_data(), g);
+  RunWeightGrad(Plain(x.typed_data(), g.h, g.w, g.c), Plain(dy.typed_data(), g.ho, g.wo, g.o), dw->typed_data(), g);
+  return ffi::Error::Success();
+}
+
+// y, choice = 2x2 max-pool of ReLU(conv(x, w) + bias), the convolution's output being full_h x full_w.
+ffi::Error ReluPoolImpl(F32 x, F32 w, F32 bias, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::U8> choice,
+                        int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left, int64_t full_h,
+                        int64_t full_w) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 4 || wd.size() != 4) return kBadPooledShape;
+  const std::vector<int64_t> full = {xd[0], full_h, full_w, wd[3]};
+  Geometry g;
+  if (auto e = MakeGeometry(xd, wd, full, stride_h, stride_w, pad_top, pad_left, &g); e.failure()) return e;
+  if (!IsPooled(y->dimensions(), g.n, g.ho, g.wo, g.o) || !(choice->dimensions() == y->dimensions()) ||
+      bias.dimensions().size() != 1 || bias.dimensions()[0] != g.o)
+    return kBadPooledShape;
+  RunForward(Plain(x.typed_data(), g.h, g.w, g.c), w.typed_data(),
+             {y->typed_data(), bias.typed_data(), choice->typed_data()}, g);
+  return ffi::Error::Success();
+}
+
+// dx of a convolution whose output gradient comes pooled (the forward kernel with the flipped kernel w).
+ffi::Error PooledForwardImpl(F32 dy, U8 choice, F32 w, ffi::ResultBuffer<ffi::F32> dx, int64_t stride_h,
+                             int64_t stride_w, int64_t pad_top, int64_t pad_left, int64_t full_h, int64_t full_w) {
+  const auto dd = dy.dimensions(), wd = w.dimensions();
+  if (dd.size() != 4 || wd.size() != 4) return kBadPooledShape;
+  const std::vector<int64_t> full = {dd[0], full_h, full_w, wd[2]};
+  Geometry g;
+  if (auto e = MakeGeometry(full, wd, dx->dimensions(), stride_h, stride_w, pad_top, pad_left, &g); e.failure())
+    return e;
+  if (!IsPooled(dd, g.n, g.h, g.w, g.c) || !(choice.dimensions() == dd)) return kBadPooledShape;
+  RunForward({dy.typed_data(), choice.typed_data(), g.h, g.w, g.c}, w.typed_data(), {dx->typed_data(), nullptr, nullptr},
+             g);
+  return ffi::Error::Success();
+}
+
+// dw of a convolution whose output gradient comes pooled.
+ffi::Error PooledWeightGradImpl(F32 x, F32 dy, U8 choice, ffi::ResultBuffer<ffi::F32> dw, int64_t stride_h,
+                                int64_t stride_w, int64_t pad_top, int64_t pad_left, int64_t full_h,
+                                int64_t full_w) {
+  const auto xd = x.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 4 || wd.size() != 4) return kBadPooledShape;
+  const std::vector<int64_t> full = {xd[0], full_h, full_w, wd[3]};
+  Geometry g;
+  if (auto e = MakeGeometry(xd, wd, full, stride_h, stride_w, pad_top, pad_left, &g); e.failure()) return e;
+  if (!IsPooled(dy.dimensions(), g.n, g.ho, g.wo, g.o) || !(choice.dimensions() == dy.dimensions()))
+    return kBadPooledShape;
+  RunWeightGrad(Plain(x.typed_data(), g.h, g.w, g.c), {dy.typed_data(), choice.typed_data(), g.ho, g.wo, g.o},
+                dw->typed_data(), g);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-// Both handlers take two f32 arrays and return one, with the convolution's strides and leading padding.
-static auto ConvBinding() {
-  return ffi::Ffi::Bind()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::Buffer<ffi::F32>>()
-      .Attr<int64_t>("stride_h")
-      .Attr<int64_t>("stride_w")
-      .Attr<int64_t>("pad_top")
-      .Attr<int64_t>("pad_left");
+// Every handler takes the convolution's strides and leading padding; the pooled ones also the unpooled size
+// of their pooled array.
+template <typename B>
+static auto ConvAttributes(B&& binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("stride_h")
+      .template Attr<int64_t>("stride_w")
+      .template Attr<int64_t>("pad_top")
+      .template Attr<int64_t>("pad_left");
+}
+template <typename B>
+static auto PooledAttributes(B&& binding) {
+  return ConvAttributes(std::move(binding)).template Attr<int64_t>("full_h").template Attr<int64_t>("full_w");
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvForward, ForwardImpl, ConvBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvWeightGrad, WeightGradImpl, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvForward, ForwardImpl,
+                              ConvAttributes(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvWeightGrad, WeightGradImpl,
+                              ConvAttributes(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvReluPool, ReluPoolImpl,
+                              PooledAttributes(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<U8>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvPooledForward, PooledForwardImpl,
+                              PooledAttributes(ffi::Ffi::Bind().Arg<F32>().Arg<U8>().Arg<F32>().Ret<F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvPooledWeightGrad, PooledWeightGradImpl,
+                              PooledAttributes(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<U8>().Ret<F32>()));
 
 // Lets the loader refuse a CPU without the instructions the kernels were compiled for.
 extern "C" int ImgclfConvCpuSupported() {

@@ -28,7 +28,14 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_conv.cc")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread")
-_FORWARD, _WEIGHT_GRAD = "imgclf_conv_forward", "imgclf_conv_weight_grad"
+# XLA FFI target name -> the handler's symbol in the library.
+_TARGETS = {
+    "imgclf_conv_forward": "ImgclfConvForward",
+    "imgclf_conv_weight_grad": "ImgclfConvWeightGrad",
+    "imgclf_conv_relu_pool": "ImgclfConvReluPool",
+    "imgclf_conv_pooled_forward": "ImgclfConvPooledForward",
+    "imgclf_conv_pooled_weight_grad": "ImgclfConvPooledWeightGrad",
+}
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
@@ -81,9 +88,8 @@ def available() -> bool:
         if not library.ImgclfConvCpuSupported():
             log.info("this CPU lacks AVX2/FMA: XLA's own CPU convolutions are used")
             return False
-        jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.ImgclfConvForward), platform="cpu")
-        jax.ffi.register_ffi_target(_WEIGHT_GRAD, jax.ffi.pycapsule(library.ImgclfConvWeightGrad),
-                                    platform="cpu")
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
         _registered = library
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError, AttributeError) as e:
         log.warning("native CPU convolutions unavailable, XLA's are used instead: %s", e)
@@ -97,7 +103,7 @@ def available() -> bool:
 MIN_OUTPUT_PIXELS = 1024
 
 
-def _output_hw(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+def output_hw(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
                padding: Padding) -> tuple[int, int]:
     ho, wo = ((size + lo + hi - k) // s + 1
               for size, (lo, hi), k, s in zip(x_shape[1:3], padding, kernel_shape[:2], strides))
@@ -107,26 +113,62 @@ def _output_hw(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Seq
 def worth_it(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
              padding: Padding) -> bool:
     """Whether to use the kernels for this convolution: outputs of at least MIN_OUTPUT_PIXELS pixels."""
-    ho, wo = _output_hw(x_shape, kernel_shape, strides, padding)
+    ho, wo = output_hw(x_shape, kernel_shape, strides, padding)
     return ho * wo >= MIN_OUTPUT_PIXELS
 
 
-def _attributes(strides: Sequence[int], padding: Padding) -> dict:
-    return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
-                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
+def _attributes(strides: Sequence[int], padding: Padding, full_hw: Optional[Sequence[int]] = None) -> dict:
+    attributes = dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+                      pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
+    if full_hw is not None:  # The unpooled size of a pooled array.
+        attributes.update(full_h=np.int64(full_hw[0]), full_w=np.int64(full_hw[1]))
+    return attributes
+
+
+def _call(target: str, results, *args, **attributes):
+    return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attributes)
 
 
 def forward(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding) -> jax.Array:
     """NHWC x HWIO convolution (f32), as `lax.conv_general_dilated` with explicit padding computes it."""
-    ho, wo = _output_hw(x.shape, kernel.shape, strides, padding)
-    call = jax.ffi.ffi_call(_FORWARD, jax.ShapeDtypeStruct((x.shape[0], ho, wo, kernel.shape[3]), x.dtype),
-                            vmap_method="sequential")
-    return call(x, kernel, **_attributes(strides, padding))
+    ho, wo = output_hw(x.shape, kernel.shape, strides, padding)
+    return _call("imgclf_conv_forward", jax.ShapeDtypeStruct((x.shape[0], ho, wo, kernel.shape[3]), x.dtype),
+                 x, kernel, **_attributes(strides, padding))
 
 
 def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides: Sequence[int],
                     padding: Padding) -> jax.Array:
     """d(loss)/d(kernel) of `forward` from its input x and output gradient dy."""
-    call = jax.ffi.ffi_call(_WEIGHT_GRAD, jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
-                            vmap_method="sequential")
-    return call(x, dy, **_attributes(strides, padding))
+    return _call("imgclf_conv_weight_grad", jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype), x, dy,
+                 **_attributes(strides, padding))
+
+
+# A convolution followed by bias, ReLU and 2x2 max-pooling, fused: its full-size output is never written. The
+# pool's `choice` (uint8, the pooled shape) says which of each window's four positions (row-major) held the
+# maximum, 4 where it was not positive; the gradients take the pooled output gradient with it.
+
+
+def relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: Sequence[int],
+              padding: Padding) -> tuple[jax.Array, jax.Array]:
+    """(max_pool_2x2(relu(conv(x, kernel) + bias)), choice); the convolution's output must be at least 2x2."""
+    full_hw = output_hw(x.shape, kernel.shape, strides, padding)
+    pooled = (x.shape[0], full_hw[0] // 2, full_hw[1] // 2, kernel.shape[3])
+    results = (jax.ShapeDtypeStruct(pooled, x.dtype), jax.ShapeDtypeStruct(pooled, np.uint8))
+    return _call("imgclf_conv_relu_pool", results, x, kernel, bias, **_attributes(strides, padding, full_hw))
+
+
+def pooled_forward(dy: jax.Array, choice: jax.Array, kernel: jax.Array, full_hw: Sequence[int],
+                   padding: Padding) -> jax.Array:
+    """`forward` (stride 1) of the full-size gradient (full_hw) that a pooled gradient and its choices stand for."""
+    x_shape = (dy.shape[0], *full_hw, dy.shape[3])
+    ho, wo = output_hw(x_shape, kernel.shape, (1, 1), padding)
+    return _call("imgclf_conv_pooled_forward", jax.ShapeDtypeStruct((dy.shape[0], ho, wo, kernel.shape[3]), dy.dtype),
+                 dy, choice, kernel, **_attributes((1, 1), padding, full_hw))
+
+
+def pooled_weight_gradient(x: jax.Array, dy: jax.Array, choice: jax.Array, kernel_shape: Sequence[int],
+                           strides: Sequence[int], padding: Padding) -> jax.Array:
+    """d(loss)/d(kernel) of `relu_pool` from its input x, pooled output gradient dy and choices."""
+    full_hw = output_hw(x.shape, kernel_shape, strides, padding)
+    return _call("imgclf_conv_pooled_weight_grad", jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype), x, dy,
+                 choice, **_attributes(strides, padding, full_hw))

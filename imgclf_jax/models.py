@@ -22,12 +22,29 @@ MODEL_NAMES = ("tutorial_cnn", "cnn", "resnet")
 CONV_IMPLS = ("auto", "xla", "native", "matmul_grad")
 DTYPES = ("float32", "bfloat16")
 
-# Every model takes `conv`: the convolution function its nn.Conv layers use (None = lax's).
+# Every model takes `conv_impl`, resolved ('xla', 'native' or 'matmul_grad'; see `conv_function`).
 ConvFn = Optional[Callable[..., jax.Array]]
 
 
-def _conv_layer(conv_fn: ConvFn, dtype: Any):
-    return functools.partial(nn.Conv, conv_general_dilated=conv_fn, dtype=dtype)
+def _conv_layer(conv_impl: str, dtype: Any, **kwargs: Any):
+    return functools.partial(nn.Conv, conv_general_dilated=_conv_fn(conv_impl), dtype=dtype, **kwargs)
+
+
+class ConvReluPool(nn.Module):
+    """[3x3 'SAME' conv with bias, ReLU, 2x2 max-pool]: nn.Conv's parameters (so checkpoints and initial values
+    are those of the three separate layers), computed by `conv.conv_relu_pool` (one fused op with the native
+    kernels)."""
+
+    features: int
+    conv_impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return conv.conv_relu_pool(x, kernel, bias, self.conv_impl)
 
 
 def _batch_norm(train: bool, dtype: Any, **kwargs: Any) -> nn.BatchNorm:
@@ -38,15 +55,14 @@ class TutorialCNN(nn.Module):
     """Keras tutorial CNN: three [conv 3x3 same + ReLU, max-pool 2x2] blocks, flatten, dense 128, output."""
 
     num_outputs: int
-    conv: ConvFn = None
+    conv_impl: str = "xla"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = x.astype(self.dtype)
-        for filters in (16, 32, 64):
-            x = nn.relu(_conv_layer(self.conv, self.dtype)(filters, (3, 3), padding="SAME")(x))
-            x = pooling.max_pool(x, (2, 2))
+        for index, filters in enumerate((16, 32, 64)):
+            x = ConvReluPool(filters, self.conv_impl, self.dtype, name=f"Conv_{index}")(x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(128, dtype=self.dtype)(x))
         return nn.Dense(self.num_outputs, dtype=self.dtype)(x).astype(jnp.float32)
@@ -62,20 +78,27 @@ class CNN(nn.Module):
     dense_units: int = 128
     dropout: float = 0.0
     global_pool: bool = False
-    conv: ConvFn = None
+    conv_impl: str = "xla"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = x.astype(self.dtype)
+        index = 0  # Convolutions are named Conv_0, Conv_1, ... in order, fused or not.
         for filters in self.filters:
-            for _ in range(self.convs_per_block):
-                x = _conv_layer(self.conv, self.dtype)(filters, (3, 3), padding="SAME",
-                                                       use_bias=not self.batch_norm)(x)
+            for block_conv in range(self.convs_per_block):
+                name = f"Conv_{index}"
+                index += 1
+                if not self.batch_norm and block_conv == self.convs_per_block - 1:
+                    x = ConvReluPool(filters, self.conv_impl, self.dtype, name=name)(x)
+                    break
+                x = _conv_layer(self.conv_impl, self.dtype, name=name)(filters, (3, 3), padding="SAME",
+                                                                      use_bias=not self.batch_norm)(x)
                 if self.batch_norm:
                     x = _batch_norm(train, self.dtype)(x)
                 x = nn.relu(x)
-            x = pooling.max_pool(x, (2, 2))
+            else:  # No fused block ended the loop (batch-norm sits between convolution and ReLU).
+                x = pooling.max_pool(x, (2, 2))
         x = jnp.mean(x, axis=(1, 2)) if self.global_pool else x.reshape((x.shape[0], -1))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         if self.dense_units:
@@ -89,13 +112,13 @@ class ResidualBlock(nn.Module):
 
     filters: int
     strides: int = 1
-    conv: ConvFn = None
+    conv_impl: str = "xla"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         norm = functools.partial(_batch_norm, train, self.dtype)
-        conv_layer = _conv_layer(self.conv, self.dtype)
+        conv_layer = _conv_layer(self.conv_impl, self.dtype)
         residual = x
         y = conv_layer(self.filters, (3, 3), (self.strides, self.strides), padding="SAME", use_bias=False)(x)
         y = nn.relu(norm()(y))
@@ -115,29 +138,30 @@ class ResNet(nn.Module):
     widths: Sequence[int] = (32, 64, 128, 256)
     stem_strides: int = 2
     dropout: float = 0.0
-    conv: ConvFn = None
+    conv_impl: str = "xla"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = _conv_layer(self.conv, self.dtype)(self.widths[0], (3, 3), (self.stem_strides, self.stem_strides),
+        x = _conv_layer(self.conv_impl, self.dtype)(self.widths[0], (3, 3), (self.stem_strides, self.stem_strides),
                                                padding="SAME", use_bias=False)(x.astype(self.dtype))
         x = nn.relu(_batch_norm(train, self.dtype)(x))
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for block in range(blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = ResidualBlock(width, strides, self.conv, self.dtype)(x, train)
+                x = ResidualBlock(width, strides, self.conv_impl, self.dtype)(x, train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_outputs)(x)
 
 
-def conv_function(conv_impl: str) -> ConvFn:
-    """'xla': lax's convolution; 'native': `conv.conv_general_dilated` with the AVX2/FMA kernels of
-    `cpu_conv` (x86-64 CPUs); 'matmul_grad': the same with XLA's convolutions and matmul weight gradients.
-    'auto' on one CPU device: native where its kernels build here, else matmul_grad where this XLA does not
-    take `xla_cpu.compiler_options` (its YNNPACK weight gradients are several times slower), else xla; 'xla'
-    on GPUs/TPUs and on several CPU devices (a test set-up: the custom calls would not be split)."""
+def resolve_conv_impl(conv_impl: str) -> str:
+    """'xla': lax's convolution; 'native': `conv.conv_general_dilated` with the AVX2/FMA kernels of `cpu_conv`
+    (x86-64 CPUs), and CNN blocks fused (`conv.conv_relu_pool`); 'matmul_grad': XLA's convolutions with
+    matmul weight gradients. 'auto' on one CPU device: native where its kernels build here, else matmul_grad
+    where this XLA does not take `xla_cpu.compiler_options` (its YNNPACK weight gradients are several times
+    slower), else xla; 'xla' on GPUs/TPUs and on several CPU devices (a test set-up: the custom calls would
+    not be split)."""
     if conv_impl not in CONV_IMPLS:
         raise UserError(f"unknown conv_impl '{conv_impl}' (choose from {', '.join(CONV_IMPLS)})")
     single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
@@ -151,9 +175,16 @@ def conv_function(conv_impl: str) -> ConvFn:
     if conv_impl == "native" and (jax.default_backend() != "cpu" or not cpu_conv.available()):
         raise UserError("conv_impl='native' needs to run on an x86-64 CPU with AVX2/FMA and a C++ compiler "
                         "(see the log for why the kernels did not build); use conv_impl='auto'")
-    if conv_impl == "xla":
-        return None
-    return functools.partial(conv.conv_general_dilated, impl=conv_impl)
+    return conv_impl
+
+
+def _conv_fn(resolved_impl: str) -> ConvFn:
+    return None if resolved_impl == "xla" else functools.partial(conv.conv_general_dilated, impl=resolved_impl)
+
+
+def conv_function(conv_impl: str) -> ConvFn:
+    """The convolution function nn.Conv layers use for `conv_impl` (None: lax's)."""
+    return _conv_fn(resolve_conv_impl(conv_impl))
 
 
 def compute_dtype(name: str) -> Any:
@@ -166,19 +197,19 @@ def compute_dtype(name: str) -> Any:
 def create_model(config: ml_collections.ConfigDict, num_outputs: int) -> nn.Module:
     """Builds the model named by `config.model`, with its settings from `config.<model name>`."""
     name = config.model
-    conv_fn = conv_function(config.conv_impl)
+    conv_impl = resolve_conv_impl(config.conv_impl)
     dtype = compute_dtype(config.dtype)
     if name == "tutorial_cnn":
-        return TutorialCNN(num_outputs, conv_fn, dtype)
+        return TutorialCNN(num_outputs, conv_impl, dtype)
     if name == "cnn":
         c = config.cnn
         return CNN(num_outputs, tuple(c.filters), c.convs_per_block, c.batch_norm, c.dense_units,
-                   c.dropout, c.global_pool, conv_fn, dtype)
+                   c.dropout, c.global_pool, conv_impl, dtype)
     if name == "resnet":
         c = config.resnet
         if len(c.stage_sizes) != len(c.widths):
             raise UserError("resnet.stage_sizes and resnet.widths must have the same length")
-        return ResNet(num_outputs, tuple(c.stage_sizes), tuple(c.widths), c.stem_strides, c.dropout, conv_fn, dtype)
+        return ResNet(num_outputs, tuple(c.stage_sizes), tuple(c.widths), c.stem_strides, c.dropout, conv_impl, dtype)
     raise UserError(f"unknown model '{name}' (choose from {', '.join(MODEL_NAMES)})")
 
 

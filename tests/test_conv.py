@@ -16,7 +16,7 @@ import logging
 import platform
 import shutil
 
-from imgclf_jax import conv, cpu_conv, models
+from imgclf_jax import conv, cpu_conv, models, pooling
 
 CASES = [  # (input shape, kernel shape, strides, padding)
     ((2, 9, 9, 3), (3, 3, 3, 5), (1, 1), "SAME"),
@@ -154,3 +154,63 @@ def test_native_weight_gradient_is_the_same_every_time():
     first = np.asarray(grad(x, dy))
     for _ in range(5):
         np.testing.assert_array_equal(np.asarray(grad(x, dy)), first)
+
+
+def _unfused_block(x, kernel, bias):
+    """What flax's nn.Conv (SAME, stride 1), nn.relu and pooling.max_pool compute."""
+    y = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    return pooling.max_pool(jax.nn.relu(y), (2, 2))
+
+
+BLOCK_CASES = [  # (input shape, output channels)
+    ((2, 9, 11, 3), 16),   # 3 input channels (direct kernels); odd sides: the pool drops a row and a column.
+    ((1, 10, 8, 12), 20),  # One image; >= 8 input channels (Winograd); output channels past one 16-wide block.
+    ((3, 13, 12, 8), 5),   # Fewer output channels than one vector.
+]
+
+
+@needs_native
+@pytest.mark.parametrize("x_shape, features", BLOCK_CASES)
+def test_fused_conv_relu_pool_matches_the_unfused_layers(x_shape, features):
+    x, kernel = _inputs(x_shape, (3, 3, x_shape[-1], features))
+    bias = 0.3 * jax.random.normal(jax.random.key(7), (features,))
+    fused = jax.jit(lambda x, k, b: conv.conv_relu_pool(x, k, b, "native"))
+    assert "imgclf_conv_relu_pool" in str(jax.make_jaxpr(fused)(x, kernel, bias))
+    want = _unfused_block(x, kernel, bias)
+    np.testing.assert_allclose(fused(x, kernel, bias), want, rtol=1e-5, atol=1e-5)
+    weights = jax.random.normal(jax.random.key(3), want.shape)
+
+    def loss(f):
+        return lambda *args: jnp.sum(jnp.tanh(f(*args)) * weights)
+
+    expected = jax.grad(loss(_unfused_block), argnums=(0, 1, 2))(x, kernel, bias)
+    got = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2)))(x, kernel, bias)
+    for g, w in zip(got, expected):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+
+
+@needs_native
+def test_fused_block_sends_tied_maxima_to_the_first_position_as_max_pool_does():
+    # A blank image: every output equals the bias, so every window's four values tie; the channel with a
+    # negative bias has no gradient at all (ReLU is off).
+    x = jnp.zeros((2, 8, 8, 3))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 16))
+    bias = jnp.where(jnp.arange(16) == 5, -1.0, 0.5)
+    weights = jax.random.normal(jax.random.key(2), (2, 4, 4, 16))
+
+    def loss(f):
+        return lambda x, b: jnp.sum(f(x, kernel, b) * weights)
+
+    got = jax.grad(loss(lambda *a: conv.conv_relu_pool(*a, "native")), argnums=(0, 1))(x, bias)
+    want = jax.grad(loss(_unfused_block), argnums=(0, 1))(x, bias)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert float(got[1][5]) == 0.0
+
+
+def test_conv_relu_pool_without_native_kernels_is_the_unfused_layers():
+    x, kernel = _inputs((2, 8, 8, 3), (3, 3, 3, 4))
+    bias = jnp.arange(4.0) - 1.5
+    for impl in ("xla", "matmul_grad"):
+        np.testing.assert_allclose(conv.conv_relu_pool(x, kernel, bias, impl), _unfused_block(x, kernel, bias),
+                                   rtol=1e-5, atol=1e-5)

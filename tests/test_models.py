@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
-from imgclf_jax import config_lib, models
+from imgclf_jax import config_lib, models, pooling
 
 
 def _init(model, size):
@@ -88,3 +89,22 @@ def test_unknown_dtype_is_a_user_error():
     config.dtype = "float16"
     with pytest.raises(UserError, match="unknown dtype 'float16'"):
         models.create_model(config, 2)
+
+
+def test_fused_cnn_blocks_keep_the_parameters_of_separate_layers():
+    # The fused [conv, ReLU, pool] module must keep nn.Conv's names and initial values: checkpoints written
+    # before it (and runs with other conv_impls) load and start the same.
+    class SeparateLayers(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            for filters in (16, 32, 64):
+                x = pooling.max_pool(nn.relu(nn.Conv(filters, (3, 3), padding="SAME")(x)), (2, 2))
+            x = nn.relu(nn.Dense(128)(x.reshape((x.shape[0], -1))))
+            return nn.Dense(2)(x)
+
+    fused, separate = _init(models.TutorialCNN(2), 32), _init(SeparateLayers(), 32)
+    assert jax.tree_util.tree_structure(fused) == jax.tree_util.tree_structure(separate)
+    assert all(bool(jnp.array_equal(a, b)) for a, b in
+               zip(jax.tree_util.tree_leaves(fused), jax.tree_util.tree_leaves(separate)))
+    names = set(_init(models.CNN(2, filters=(8, 16), convs_per_block=2), 16)["params"])
+    assert names == {"Conv_0", "Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1"}
