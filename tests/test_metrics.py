@@ -53,6 +53,35 @@ def test_report_for_many_classes_has_top5_and_consistent_counts():
     assert sum(m["support"] for m in report["per_class"].values()) == 200
 
 
+@pytest.mark.parametrize("num_classes", [2, 3, 7])
+def test_report_figures_equal_scikit_learns(num_classes):
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(num_classes)
+    labels = rng.integers(0, num_classes, 300)
+    labels[:2] = 0  # Class num_classes - 1 is never predicted below: precision 0, not a division error.
+    # Rounded probabilities give tied scores, which ROC-AUC must count half.
+    logits = np.round(rng.normal(size=(300, num_classes)) + 1.5 * np.eye(num_classes)[labels], 1)
+    logits[:, -1] -= 100.0
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    report = classification_report(probs, labels, [f"c{i}" for i in range(num_classes)])
+    ids = list(range(num_classes))
+    predicted = probs.argmax(-1)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(labels, predicted, labels=ids,
+                                                                         zero_division=0)
+    assert report["confusion_matrix"] == skm.confusion_matrix(labels, predicted, labels=ids).tolist()
+    for i, name in enumerate(report["classes"]):
+        got = report["per_class"][name]
+        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx(
+            (precision[i], recall[i], f1[i], support[i]))
+    assert report["per_class"][f"c{num_classes - 1}"]["precision"] == 0.0
+    assert report["macro_f1"] == pytest.approx(np.mean(f1))
+    if num_classes == 2:
+        assert report["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probs[:, 1]))
+    if num_classes > 5:
+        assert report["top5_accuracy"] == pytest.approx(skm.top_k_accuracy_score(labels, probs, k=5, labels=ids))
+
+
 def test_plot_metrics_script_overlays_runs(tmp_path):
     for name in ("a", "b"):
         log = MetricsLog(str(tmp_path / name))
