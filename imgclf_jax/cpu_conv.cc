@@ -416,6 +416,7 @@ void WeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, const Ge
 
 constexpr int64_t kWinogradTiles = 192;       // Tiles per block: one position's share stays in L1/L2.
 constexpr int64_t kWinogradMinChannels = 8;   // Fewer input channels: the direct kernels do better.
+                                              // (cpu_conv.py's WINOGRAD_MIN_CHANNELS is the same.)
 
 bool UseWinograd(const Geometry& g) {
   return g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.c >= kWinogradMinChannels;

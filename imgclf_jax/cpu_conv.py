@@ -101,6 +101,11 @@ def available() -> bool:
 # (default ResNet at 80 px, batch 32, 2-core EPYC: step 234 ms using them only for outputs of >= 1,000 pixels,
 # 241-246 ms with XLA's everywhere, 300-345 ms with them everywhere; docs/performance.md, session 9).
 MIN_OUTPUT_PIXELS = 1024
+# Convolutions the kernels compute by Winograd's algorithm (3x3, stride 1, >= 8 input channels; cpu_conv.cc's
+# UseWinograd) win down to smaller outputs: the same ResNet step ran 5-13% faster at 48-80 px with 256 here
+# than with 1,024, and slower again with 0 (docs/performance.md, session 11).
+MIN_WINOGRAD_OUTPUT_PIXELS = 256
+WINOGRAD_MIN_CHANNELS = 8
 
 
 def output_hw(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
@@ -112,9 +117,12 @@ def output_hw(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequ
 
 def worth_it(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
              padding: Padding) -> bool:
-    """Whether to use the kernels for this convolution: outputs of at least MIN_OUTPUT_PIXELS pixels."""
+    """Whether to use the kernels for this convolution: outputs of at least MIN_OUTPUT_PIXELS pixels, or
+    MIN_WINOGRAD_OUTPUT_PIXELS for the convolutions they compute by Winograd's algorithm."""
     ho, wo = output_hw(x_shape, kernel_shape, strides, padding)
-    return ho * wo >= MIN_OUTPUT_PIXELS
+    winograd = (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+                and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS)
+    return ho * wo >= (min(MIN_OUTPUT_PIXELS, MIN_WINOGRAD_OUTPUT_PIXELS) if winograd else MIN_OUTPUT_PIXELS)
 
 
 def _attributes(strides: Sequence[int], padding: Padding, full_hw: Optional[Sequence[int]] = None) -> dict:

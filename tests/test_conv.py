@@ -145,6 +145,18 @@ def test_native_leaves_small_outputs_to_xla(monkeypatch):
     assert uses_kernels(8) and not uses_kernels(7)  # 64 and 49 output pixels.
 
 
+def test_winograd_convolutions_use_the_kernels_down_to_smaller_outputs(monkeypatch):
+    monkeypatch.setattr(cpu_conv, "MIN_OUTPUT_PIXELS", 1024)
+    monkeypatch.setattr(cpu_conv, "MIN_WINOGRAD_OUTPUT_PIXELS", 256)
+    same = ((1, 1), (1, 1))
+    assert cpu_conv.worth_it((2, 16, 16, 8), (3, 3, 8, 4), (1, 1), same)  # 256 pixels, Winograd.
+    assert not cpu_conv.worth_it((2, 15, 15, 8), (3, 3, 8, 4), (1, 1), same)  # 225 pixels.
+    assert not cpu_conv.worth_it((2, 16, 16, 7), (3, 3, 7, 4), (1, 1), same)  # Too few channels for Winograd.
+    assert not cpu_conv.worth_it((2, 32, 32, 8), (3, 3, 8, 4), (2, 2), ((0, 1), (0, 1)))  # Strided: 256 pixels.
+    assert not cpu_conv.worth_it((2, 16, 16, 8), (1, 1, 8, 4), (1, 1), ((0, 0), (0, 0)))  # 1x1.
+    assert cpu_conv.worth_it((2, 32, 32, 3), (3, 3, 3, 4), (1, 1), same)  # 1,024 pixels, direct.
+
+
 @needs_native
 def test_native_weight_gradient_is_the_same_every_time():
     # The threads share the work as they happen to run; the per-chunk sums are added in a fixed order.
