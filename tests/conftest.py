@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from PIL import Image
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Session-wide fixtures must not write the scan cache into ~/.cache either.
 os.environ["IMGCLF_CACHE_DIR"] = tempfile.mkdtemp(prefix="imgclf_scan_cache_")
+atexit.register(shutil.rmtree, os.environ["IMGCLF_CACHE_DIR"], ignore_errors=True)
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
