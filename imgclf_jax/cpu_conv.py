@@ -103,7 +103,8 @@ def available() -> bool:
 MIN_OUTPUT_PIXELS = 1024
 # Convolutions the kernels compute by Winograd's algorithm (3x3, stride 1, >= 8 input channels; cpu_conv.cc's
 # UseWinograd) win down to smaller outputs: the same ResNet step ran 5-13% faster at 48-80 px with 256 here
-# than with 1,024, and slower again with 0 (docs/performance.md, session 11).
+# than with 1,024, and slower again with 0 (docs/performance.md, session 11); in the full training loop, with
+# tf.data and augmentation competing for the cores, no slower (session 12).
 MIN_WINOGRAD_OUTPUT_PIXELS = 256
 WINOGRAD_MIN_CHANNELS = 8
 

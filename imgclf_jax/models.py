@@ -22,7 +22,7 @@ MODEL_NAMES = ("tutorial_cnn", "cnn", "resnet")
 CONV_IMPLS = ("auto", "xla", "native", "matmul_grad")
 DTYPES = ("float32", "bfloat16")
 
-# Every model takes `conv_impl`, resolved ('xla', 'native' or 'matmul_grad'; see `conv_function`).
+# Every model takes `conv_impl`, resolved ('xla', 'native' or 'matmul_grad'; see `resolve_conv_impl`).
 ConvFn = Optional[Callable[..., jax.Array]]
 
 
@@ -179,12 +179,8 @@ def resolve_conv_impl(conv_impl: str) -> str:
 
 
 def _conv_fn(resolved_impl: str) -> ConvFn:
+    """The convolution function nn.Conv layers use for a resolved impl (None: lax's)."""
     return None if resolved_impl == "xla" else functools.partial(conv.conv_general_dilated, impl=resolved_impl)
-
-
-def conv_function(conv_impl: str) -> ConvFn:
-    """The convolution function nn.Conv layers use for `conv_impl` (None: lax's)."""
-    return _conv_fn(resolve_conv_impl(conv_impl))
 
 
 def compute_dtype(name: str) -> Any:

@@ -110,7 +110,7 @@ def test_unsupported_cases_fall_back_to_lax():
 @needs_native
 def test_native_kernels_build_here_and_auto_picks_them():
     assert cpu_conv.available()
-    assert models.conv_function("auto").keywords == {"impl": "native"}
+    assert models.resolve_conv_impl("auto") == "native"
 
 
 def test_native_kernels_that_fail_to_build_leave_xla_in_charge(monkeypatch, tmp_path, caplog):
@@ -121,10 +121,9 @@ def test_native_kernels_that_fail_to_build_leave_xla_in_charge(monkeypatch, tmp_
     try:
         with caplog.at_level(logging.WARNING):
             assert not cpu_conv.available()
-        fallback = models.conv_function("auto")
-        assert fallback is None or fallback.keywords["impl"] != "native"
+        assert models.resolve_conv_impl("auto") != "native"
         with pytest.raises(models.UserError, match="conv_impl='native' needs to run on"):
-            models.conv_function("native")
+            models.resolve_conv_impl("native")
     finally:
         cpu_conv.available.cache_clear()
     if NATIVE_EXPECTED:

@@ -87,10 +87,10 @@ def test_auto_conv_without_native_kernels_is_xla_wherever_the_cpu_options_apply(
     # Where the native kernels build, 'auto' picks them (tests/test_conv.py); here they are made unavailable.
     monkeypatch.setattr(cpu_conv, "available", lambda: False)
     if jax.default_backend() == "cpu" and not xla_cpu.compiler_options() and jax.device_count() == 1:
-        assert models.conv_function("auto").keywords == {"impl": "matmul_grad"}
+        assert models.resolve_conv_impl("auto") == "matmul_grad"
     else:
-        assert models.conv_function("auto") is None  # lax's convolution.
-    assert models.conv_function("xla") is None
+        assert models.resolve_conv_impl("auto") == "xla"
+    assert models.resolve_conv_impl("xla") == "xla"
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU options")
