@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
         global_pool=False,
     ))
     c.resnet = ml_collections.ConfigDict(dict(
-        stage_sizes=(1, 1, 1, 1), widths=(32, 64, 128, 256), stem_strides=2, dropout=0.0,
+        stage_sizes=(1, 1, 1, 1), widths=(32, 64, 128, 256), stem_strides=2, stem_pool=False, dropout=0.0,
     ))
 
     # Loss: 'auto' = sigmoid (one logit) for two classes, softmax for more.
@@ -157,6 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         require_positive_int(field, config[field])
     if not math.isfinite(config.learning_rate) or config.learning_rate < 0:
         raise UserError(f"learning_rate must be a non-negative number (got {config.learning_rate!r})")
+    require_positive_int("resnet.stem_strides", config.resnet.stem_strides)
     if config.optimizer not in ("adam", "sgd"):
         raise UserError(f"optimizer must be 'adam' or 'sgd' (got {config.optimizer!r})")
     if not 0.0 <= config.momentum < 1.0:

@@ -68,6 +68,13 @@ def test_bad_augment_setting_is_named():
         config_lib.validate(config)
 
 
+def test_bad_resnet_stem_stride_is_named():
+    config = config_lib.base_config()
+    config.resnet.stem_strides = 0
+    with pytest.raises(UserError, match="resnet.stem_strides"):
+        config_lib.validate(config)
+
+
 def test_changes_from_saved_names_changed_fields_only(tmp_path):
     config = config_lib.load_config_file("default.py")
     path = tmp_path / "config.json"

@@ -108,3 +108,16 @@ def test_fused_cnn_blocks_keep_the_parameters_of_separate_layers():
                zip(jax.tree_util.tree_leaves(fused), jax.tree_util.tree_leaves(separate)))
     names = set(_init(models.CNN(2, filters=(8, 16), convs_per_block=2), 16)["params"])
     assert names == {"Conv_0", "Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1"}
+
+
+def test_resnet_stem_pool_halves_the_blocks_resolution_with_the_same_parameters():
+    x = jnp.ones((1, 32, 32, 3))
+    sizes, counts = {}, {}
+    for stem_pool in (False, True):
+        model = models.ResNet(2, stage_sizes=(1, 1), widths=(8, 16), stem_pool=stem_pool)
+        variables = _init(model, 32)
+        _, state = model.apply(variables, x, train=False, capture_intermediates=True)
+        sizes[stem_pool] = state["intermediates"]["ResidualBlock_0"]["__call__"][0].shape[1]
+        counts[stem_pool] = models.count_params(variables["params"])
+    assert sizes == {False: 16, True: 8}
+    assert counts[False] == counts[True]
