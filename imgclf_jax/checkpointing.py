@@ -24,7 +24,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy([
                 checkpoint_managers.LatestN(n=max_to_keep),
-                checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1),
+                # Checkpoints saved without metrics (epochs not validated) are kept only while among the latest.
+                checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                                          keep_checkpoints_without_metrics=False),
             ]),
             best_fn=lambda m: m[BEST_METRIC],
             best_mode="max",
@@ -46,12 +48,14 @@ class Checkpointer:
     def best_step(self) -> Optional[int]:
         return self._manager.best_step()
 
-    def save(self, step: int, state: Any, meta: dict, metrics: dict) -> None:
-        """Starts an asynchronous, atomic save; `metrics` must hold `val_accuracy` for best tracking."""
+    def save(self, step: int, state: Any, meta: dict, metrics: Optional[dict]) -> None:
+        """Starts an asynchronous, atomic save. `metrics` must hold `val_accuracy` for best tracking; None (an
+        epoch that was not validated) saves a checkpoint that can never be the best."""
         self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            metrics=None if metrics is None else {
+                k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         )
 
     def restore(self, target: Any, step: Union[int, str] = "latest") -> Optional[tuple[Any, dict, int]]:

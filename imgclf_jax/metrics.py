@@ -7,7 +7,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -36,10 +36,12 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return records
 
 
-def best_record(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def best_record(records: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """The epoch record with the highest validation accuracy; ties go to the latest epoch, as the best
-    checkpoint kept by orbax does."""
-    return max(reversed(records), key=lambda r: r["val_accuracy"])
+    checkpoint kept by orbax does. Epochs that were not validated (`validate_every`) have no `val_accuracy`
+    and are passed over; None if no epoch was validated."""
+    validated = [r for r in records if "val_accuracy" in r]
+    return max(reversed(validated), key=lambda r: r["val_accuracy"]) if validated else None
 
 
 class MetricsLog:

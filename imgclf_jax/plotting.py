@@ -24,8 +24,9 @@ def plot_training_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: Des
             prefix = "" if single else f"{name} "
             ax.plot(epochs, [r[f"train_{key}"] for r in records], "--", color=color, marker=".",
                     label=f"{prefix}train")
-            ax.plot(epochs, [r[f"val_{key}"] for r in records], "-", color=color, marker="o",
-                    label=f"{prefix}validation")
+            validated = [r for r in records if f"val_{key}" in r]  # Not every epoch with `validate_every`.
+            ax.plot([r["epoch"] for r in validated], [r[f"val_{key}"] for r in validated], "-", color=color,
+                    marker="o", label=f"{prefix}validation")
     for ax, title in ((ax_loss, "Loss"), (ax_acc, "Accuracy")):
         ax.set_title(title)
         ax.set_xlabel("epoch")

@@ -107,17 +107,31 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
     return optax.constant_schedule(config.learning_rate)
 
 
+def _progressive_stage(config: ml_collections.ConfigDict, epoch: int) -> Optional[int]:
+    """The 0-based progressive-resizing stage of `epoch` (1-based); None without progressive resizing."""
+    scale, stages = config.progressive.start_scale, config.progressive.stages
+    if not scale or stages == 1:
+        return None
+    return min(stages - 1, (epoch - 1) * stages // config.epochs)
+
+
 def train_image_size(config: ml_collections.ConfigDict, epoch: int) -> int:
     """The training image size of `epoch` (1-based): config.image_size, or with progressive resizing
     (config.progressive.start_scale > 0) the size of the epoch's stage, rounded to a multiple of 8."""
-    scale, stages = config.progressive.start_scale, config.progressive.stages
-    if not scale or stages == 1:
+    stage = _progressive_stage(config, epoch)
+    if stage is None or stage == config.progressive.stages - 1:
         return config.image_size
-    stage = min(stages - 1, (epoch - 1) * stages // config.epochs)
-    if stage == stages - 1:
-        return config.image_size
-    size = config.image_size * (scale + (1.0 - scale) * stage / (stages - 1))
+    scale = config.progressive.start_scale
+    size = config.image_size * (scale + (1.0 - scale) * stage / (config.progressive.stages - 1))
     return max(8, int(round(size / 8)) * 8)
+
+
+def validates_after(config: ml_collections.ConfigDict, epoch: int) -> bool:
+    """Whether `epoch` (1-based) ends with a validation pass (config.validate_every): every N-th epoch, the
+    last, and with progressive resizing every epoch of the last stage."""
+    stage = _progressive_stage(config, epoch)
+    return (epoch % config.validate_every == 0 or epoch == config.epochs
+            or (stage is not None and stage == config.progressive.stages - 1))
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
@@ -447,32 +461,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                     f"{int(state.step) - len(step_metrics) + bad + 1}; stopped without saving this epoch "
                     f"(the last good checkpoint stays the latest). Try a lower --learning_rate"
                 )
-            scorer = report.ValidationScorer(report.GALLERY_SIZE) if keep_scores else None
-            val = evaluate_batches(eval_fn, state, input_pipeline.eval_batches(val_images, config.batch_size, rows),
-                                   on_batch=scorer.add if scorer else None)
-            if scorer and val["accuracy"] >= best_accuracy:  # Ties: the later epoch.
-                best_accuracy = val["accuracy"]
-                best_scores = scorer.scores(config, class_names, int(state.step), epoch, val_split.paths,
-                                            f"{source.description} (validation)")
             record = {
                 "epoch": epoch,
                 "step": int(state.step),
                 "train_loss": float(np.mean([m["loss"] for m in step_metrics])),
                 "train_accuracy": float(np.mean([m["accuracy"] for m in step_metrics])),
-                "val_loss": val["loss"],
-                "val_accuracy": val["accuracy"],
+            }
+            validated = validates_after(config, epoch)
+            if validated:
+                scorer = report.ValidationScorer(report.GALLERY_SIZE) if keep_scores else None
+                val = evaluate_batches(eval_fn, state,
+                                       input_pipeline.eval_batches(val_images, config.batch_size, rows),
+                                       on_batch=scorer.add if scorer else None)
+                if scorer and val["accuracy"] >= best_accuracy:  # Ties: the later epoch.
+                    best_accuracy = val["accuracy"]
+                    best_scores = scorer.scores(config, class_names, int(state.step), epoch, val_split.paths,
+                                                f"{source.description} (validation)")
+                record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            record.update({
                 "learning_rate": float(learning_rate_fn(int(state.step) - 1)),
                 "epoch_time_s": time.perf_counter() - epoch_start,
                 "train_images_per_s": len(step_metrics) * config.batch_size / train_seconds,
                 "train_image_size": image_size,
-            }
+            })
             if is_main:
                 metrics_log.append(record)
-            checkpointer.save(int(state.step), state, {"epoch": epoch}, record)
+            # An epoch without validation is saved for resume, without metrics: it cannot become the best.
+            checkpointer.save(int(state.step), state, {"epoch": epoch}, record if validated else None)
             log.info(
-                "epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s | %.1f s",
-                epoch, config.epochs, record["train_loss"], record["train_accuracy"], record["val_loss"],
-                record["val_accuracy"], record["train_images_per_s"], record["epoch_time_s"],
+                "epoch %d/%d  train loss %.4f acc %.4f | %s | %.0f img/s | %.1f s",
+                epoch, config.epochs, record["train_loss"], record["train_accuracy"],
+                f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}" if validated
+                else "not validated", record["train_images_per_s"], record["epoch_time_s"],
             )
     finally:
         checkpointer.wait_until_finished()
@@ -481,9 +501,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     if not is_main:
         return []
     records = read_metrics(workdir)
-    if records:
+    best = best_record(records)
+    if best is not None:
         plotting.plot_training_curves({config.name: records}, os.path.join(workdir, CURVES_FILE))
-        best = best_record(records)
         log.info("Best validation accuracy %.4f at epoch %d. Work directory: %s",
                  best["val_accuracy"], best["epoch"], workdir)
         if config.report:

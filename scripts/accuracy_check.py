@@ -51,7 +51,7 @@ def main(argv) -> None:
     minutes = (time.perf_counter() - start) / 60
     scores = evaluate.evaluate(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, tta=FLAGS.tta,
                                name=f"check_{FLAGS.split}_{FLAGS.tta}")
-    best = metrics.best_record(records) if records else {"epoch": 0}
+    best = metrics.best_record(records) or {"epoch": 0}
     print(f"| {config.name} | {FLAGS.note or '-'} | {config.model} {config.image_size}px, {config.epochs} epochs | "
           f"{scores['accuracy']:.4f} ({FLAGS.split}, tta {FLAGS.tta}, best epoch {best['epoch']}) | "
           f"{minutes:.1f} min (whole command incl. scan and compile) |")

@@ -16,7 +16,8 @@ def _state(value):
 def _save_epochs(directory, accuracies):
     checkpointer = Checkpointer(str(directory), max_to_keep=2)
     for epoch, accuracy in enumerate(accuracies, start=1):
-        checkpointer.save(epoch * 10, _state(epoch), {"epoch": epoch}, {"val_accuracy": accuracy})
+        metrics = None if accuracy is None else {"val_accuracy": accuracy}
+        checkpointer.save(epoch * 10, _state(epoch), {"epoch": epoch}, metrics)
     checkpointer.wait_until_finished()
     checkpointer.close()
 
@@ -33,6 +34,15 @@ def test_keeps_latest_two_and_the_best(tmp_path):
     assert (meta["epoch"], step) == (5, 50)
     _, meta, _ = checkpointer.restore(_state(0), 40)
     assert meta["epoch"] == 4
+
+
+def test_epochs_saved_without_metrics_are_kept_only_among_the_latest(tmp_path):
+    _save_epochs(tmp_path, [None, 0.6, None, None, 0.5, None])  # None: an epoch that was not validated.
+    checkpointer = Checkpointer(str(tmp_path), max_to_keep=2, read_only=True)
+    assert checkpointer.all_steps() == [20, 50, 60]
+    assert checkpointer.best_step() == 20
+    _, meta, step = checkpointer.restore(_state(0), "latest")
+    assert (meta["epoch"], step) == (6, 60)
 
 
 def test_empty_directory_restores_nothing(tmp_path):

@@ -118,3 +118,9 @@ def test_best_record_prefers_the_latest_of_tied_epochs():
                {"epoch": 3, "val_accuracy": 0.7}, {"epoch": 4, "val_accuracy": 0.8}]
     assert best_record(records)["epoch"] == 4
     assert best_record(records[:3])["epoch"] == 2
+
+
+def test_best_record_passes_over_epochs_that_were_not_validated():
+    records = [{"epoch": 1}, {"epoch": 2, "val_accuracy": 0.6}, {"epoch": 3}, {"epoch": 4, "val_accuracy": 0.5}]
+    assert best_record(records)["epoch"] == 2
+    assert best_record([{"epoch": 1}]) is None

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from imgclf_jax import augmentation, input_pipeline, losses, mixing, models, train
+from imgclf_jax import augmentation, checkpointing, input_pipeline, losses, mixing, models, train
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import REQUIRED_KEYS, read_metrics
 
@@ -148,6 +148,36 @@ def test_progressive_run_trains_small_then_full_size(tiny_config, two_class_dir,
     assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in records)
 
 
+def test_validate_every_skips_early_epochs_but_never_the_last_stage(tiny_config):
+    tiny_config.update(epochs=8, validate_every=3)
+    assert [e for e in range(1, 9) if train.validates_after(tiny_config, e)] == [3, 6, 8]
+    tiny_config.progressive.update(start_scale=0.5, stages=4)  # The last stage is epochs 7 and 8.
+    assert [e for e in range(1, 9) if train.validates_after(tiny_config, e)] == [3, 6, 7, 8]
+    tiny_config.validate_every = 1
+    assert all(train.validates_after(tiny_config, e) for e in range(1, 9))
+
+
+def test_run_validating_every_other_epoch_keeps_the_best_of_those_and_resumes(tiny_config, two_class_dir,
+                                                                             tmp_path, caplog):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=3, validate_every=2)
+    workdir = tmp_path / "w"
+    caplog.set_level("INFO")
+    records = train.train_and_evaluate(tiny_config, str(workdir))
+    assert [("val_accuracy" in r, "val_loss" in r) for r in records] == [(False, False), (True, True), (True, True)]
+    assert "epoch 1/3" in caplog.text and "not validated" in caplog.text
+    assert (workdir / "training_curves.png").is_file()
+    csv_rows = (workdir / "metrics.csv").read_text().splitlines()
+    assert len(csv_rows) == 4 and csv_rows[1].split(",")[5] == ""  # Epoch 1's val_accuracy cell is empty.
+    checkpointer = checkpointing.Checkpointer(str(workdir / "checkpoints"), read_only=True)
+    best_epoch = 2 if records[1]["val_accuracy"] > records[2]["val_accuracy"] else 3
+    assert checkpointer.best_step() == best_epoch * (48 // 8)
+
+    tiny_config.epochs = 4  # Epoch 4 is the last, so it is validated although 4 % 2 == 0 anyway; 5 is not.
+    tiny_config.validate_every = 5
+    records = train.train_and_evaluate(tiny_config, str(workdir))
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4] and "val_accuracy" in records[-1]
+
+
 def test_learning_rate_schedules(tiny_config):
     tiny_config.update(lr_schedule="cosine", warmup_epochs=1.0, epochs=4, learning_rate=0.1)
     lr = train.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
@@ -259,6 +289,7 @@ def test_three_classes_use_softmax_and_a_held_out_split(tiny_config, flat_three_
     ("mix.mixup_alpha", -1.0, "mix.mixup_alpha must be >= 0"),
     ("mix.prob", 1.5, r"mix.prob must be in \[0, 1\]"),
     ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
+    ("validate_every", 0, "validate_every must be a positive"),
     ("optimizer", "lamb", "optimizer must be 'adam' or 'sgd'"),
     ("momentum", 1.0, r"momentum must be in \[0, 1\)"),
     ("progressive.start_scale", 1.5, r"progressive.start_scale must be in \[0, 1\]"),
