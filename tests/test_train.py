@@ -172,10 +172,11 @@ def test_run_validating_every_other_epoch_keeps_the_best_of_those_and_resumes(ti
     best_epoch = 2 if records[1]["val_accuracy"] > records[2]["val_accuracy"] else 3
     assert checkpointer.best_step() == best_epoch * (48 // 8)
 
-    tiny_config.epochs = 4  # Epoch 4 is the last, so it is validated although 4 % 2 == 0 anyway; 5 is not.
-    tiny_config.validate_every = 5
-    records = train.train_and_evaluate(tiny_config, str(workdir))
-    assert [r["epoch"] for r in records] == [1, 2, 3, 4] and "val_accuracy" in records[-1]
+    # Resumed for one more epoch with validate_every 5: epoch 4 is validated only because it is the last,
+    # and epochs 1-3 are not trained again.
+    tiny_config.update(epochs=4, validate_every=5)
+    resumed = train.train_and_evaluate(tiny_config, str(workdir))
+    assert resumed[:3] == records and resumed[3]["epoch"] == 4 and "val_accuracy" in resumed[3]
 
 
 def test_learning_rate_schedules(tiny_config):
