@@ -98,6 +98,13 @@ def base_config() -> ml_collections.ConfigDict:
     # forward pass over the validation set: in the cheap early stages about a quarter of an epoch's time.
     # Epochs not validated still save a checkpoint (resume) but cannot be the best one.
     c.validate_every = 1
+    # > 0: fit the run into about this many minutes of the whole training command (reading and decoding the
+    # images, compiling, training, validating, the report). Before training, the train step is timed at each
+    # training image size and validation on one batch, and the run trains the most epochs that fit, with
+    # `epochs` the most it may train (with progressive resizing, a multiple of the stages). A resumed run
+    # keeps the epochs it planned at its start. The plan is an estimate: a machine that slows down mid-run
+    # makes it late.
+    c.time_budget_minutes = 0.0
     c.checkpoints_to_keep = 2  # Latest checkpoints kept, besides the best by validation accuracy.
     c.report = True  # Write report.html (imgclf_jax.report) at the end of training.
     return c
@@ -163,6 +170,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not math.isfinite(config.learning_rate) or config.learning_rate < 0:
         raise UserError(f"learning_rate must be a non-negative number (got {config.learning_rate!r})")
     require_positive_int("resnet.stem_strides", config.resnet.stem_strides)
+    if not math.isfinite(config.time_budget_minutes) or config.time_budget_minutes < 0:
+        raise UserError(f"time_budget_minutes must be a non-negative number (got {config.time_budget_minutes!r})")
     if config.optimizer not in ("adam", "sgd"):
         raise UserError(f"optimizer must be 'adam' or 'sgd' (got {config.optimizer!r})")
     if not 0.0 <= config.momentum < 1.0:

@@ -248,15 +248,23 @@ def prepare(split: Split, image_size: int, resize_method: str, cache: bool) -> t
         deterministic=True,
     )
     if cache:
-        needed = split.num_examples * image_size * image_size * 3
-        available = _physical_memory_bytes()
-        if available and needed > available // 3:
+        if fits_in_memory(split, image_size):
+            ds = ds.cache()
+        else:
             log.warning(
                 "Not caching decoded images: %.1f GiB would exceed a third of this machine's memory; "
-                "every epoch will decode again.", needed / 2**30)
-        else:
-            ds = ds.cache()
+                "every epoch will decode again.", _cached_bytes(split, image_size) / 2**30)
     return ds
+
+
+def fits_in_memory(split: Split, image_size: int) -> bool:
+    """Whether `prepare` may cache the split's decoded images: at most a third of the machine's memory."""
+    available = _physical_memory_bytes()
+    return not available or _cached_bytes(split, image_size) <= available // 3
+
+
+def _cached_bytes(split: Split, image_size: int) -> int:
+    return split.num_examples * image_size * image_size * 3
 
 
 def _physical_memory_bytes() -> int:

@@ -102,6 +102,16 @@ def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, ja
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+def value_of_main_process(value: int) -> int:
+    """Process 0's `value` on every process, so that a choice made from local measurements (the epochs that
+    fit a time budget) is the same everywhere."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree (the same on every process) on every device."""
     return jax.device_put(tree, replicated(mesh))

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import flax
 import jax
@@ -132,6 +132,35 @@ def validates_after(config: ml_collections.ConfigDict, epoch: int) -> bool:
     stage = _progressive_stage(config, epoch)
     return (epoch % config.validate_every == 0 or epoch == config.epochs
             or (stage is not None and stage == config.progressive.stages - 1))
+
+
+def estimate_training_seconds(
+    config: ml_collections.ConfigDict, epochs: int, step_seconds: Mapping[int, float], steps_per_epoch: int,
+    epoch_extra_seconds: float, validation_seconds: float,
+) -> float:
+    """Estimated seconds of `epochs` epochs of the config's recipe: every epoch's steps at its training size
+    (`step_seconds`: seconds per step by size) plus `epoch_extra_seconds`, and a validation pass after the
+    epochs that have one."""
+    planned = config.copy_and_resolve_references()
+    planned.epochs = epochs
+    return sum(steps_per_epoch * step_seconds[train_image_size(planned, epoch)] + epoch_extra_seconds
+               + (validation_seconds if validates_after(planned, epoch) else 0.0)
+               for epoch in range(1, epochs + 1))
+
+
+def fit_epochs(config: ml_collections.ConfigDict, seconds: float, estimate: Callable[[int], float]) -> int:
+    """The most epochs, up to config.epochs, whose `estimate(epochs)` fits in `seconds`. Below config.epochs,
+    with progressive resizing, a multiple of the stages (so that they stay equal); never fewer than one stage
+    (or one epoch), even if that does not fit."""
+    if estimate(config.epochs) <= seconds:
+        return config.epochs
+    unit = config.progressive.stages if config.progressive.start_scale else 1
+    fitted = min(unit, config.epochs)
+    for epochs in range(2 * unit, config.epochs, unit):
+        if estimate(epochs) > seconds:
+            break
+        fitted = epochs
+    return fitted
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
@@ -346,7 +375,9 @@ def _first_nonfinite(step_metrics: list[dict[str, Any]]) -> Optional[int]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Trains (resuming from the latest checkpoint in `workdir` if any) and returns the metrics records."""
+    run_start = time.perf_counter()
     config_lib.validate(config)
+    config = config.copy_and_resolve_references()  # A time budget sets its epochs; the caller's stays as it is.
     mesh = parallel.create_mesh()
     parallel.check_batch_size("batch_size", config.batch_size, mesh.devices.size)
     is_main = parallel.is_main_process()
@@ -367,10 +398,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_classes(workdir, class_names)
     config_path = os.path.join(workdir, CONFIG_FILE)
-    config_changes = config_lib.changes_from_saved(config_path, config) if os.path.exists(config_path) else []
     if is_main:
         config_lib.write_json(os.path.join(workdir, CLASSES_FILE), class_names)
-        config_lib.save_config(config, config_path)
         _write_skipped(workdir, source.skipped)
     log.info(
         "Data: %s; %d classes (%s); %d training and %d validation images (validation: %s).",
@@ -379,39 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     )
 
     steps_per_epoch = train_split.num_examples // config.batch_size
-    learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
     model = models.create_model(config, losses.num_outputs(loss_kind, len(class_names)))
-    state = create_train_state(model, config.image_size, create_optimizer(config, learning_rate_fn), config.seed,
-                               mesh, ema=config.ema_decay > 0)
-    log.info(
-        "Model: %s, %s parameters, %s cross-entropy, %s compute; %d steps of %d images per epoch on %s.",
-        config.model, f"{models.count_params(state.params):,}", loss_kind, config.dtype, steps_per_epoch,
-        config.batch_size, parallel.describe(),
-    )
-
-    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoints_to_keep)
-    metrics_log = MetricsLog(workdir) if is_main else None
-    try:
-        restored = checkpointer.restore(state)
-    except Exception as e:
-        raise UserError(
-            f"the checkpoints in {workdir} cannot be restored with this config "
-            f"({str(e).splitlines()[0][:200]}); use another --workdir"
-        ) from None
-    start_epoch = 0
-    if restored is not None:
-        state, meta, step = restored
-        start_epoch = int(meta["epoch"])
-        log.info("Resuming from the checkpoint of epoch %d (step %d) in %s.", start_epoch, step, workdir)
-        if config_changes:
-            log.warning("The run in %s was started with another config; it goes on with this one's values, "
-                        "which mixes two recipes (use a new --workdir to start afresh): %s", workdir,
-                        "; ".join(config_changes))
-    if is_main:
-        metrics_log.keep_up_to(start_epoch)
-    if start_epoch >= config.epochs:
-        log.info("Already trained for %d of %d epochs; nothing to do.", start_epoch, config.epochs)
-
     state_sharding, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     augment_config = config.augment if config.augment.enabled else None
     train_fns = {}  # Image size -> the train step jitted for it (progressive resizing uses a few sizes).
@@ -435,6 +432,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     rows = parallel.process_rows(mesh, config.batch_size)
     train_images = input_pipeline.prepare(train_split, config.image_size, config.resize, config.cache)
     val_images = input_pipeline.prepare(val_split, config.image_size, config.resize, config.cache)
+
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoints_to_keep)
+    if config.time_budget_minutes:
+        if checkpointer.all_steps() and os.path.exists(config_path):
+            config.epochs = config_lib.load_saved_config(config_path).epochs
+            log.info("Time budget: resuming, so the run keeps the %d epochs it planned at its start.", config.epochs)
+        else:
+            probe = create_train_state(model, config.image_size,
+                                       create_optimizer(config, create_learning_rate_fn(config, steps_per_epoch)),
+                                       config.seed, mesh, ema=config.ema_decay > 0)
+            config.epochs = _fit_to_time_budget(
+                config, run_start, probe, train_step_fn, eval_fn, train_images, val_images, train_split, val_split,
+                steps_per_epoch, rows)
+    config_changes = config_lib.changes_from_saved(config_path, config) if os.path.exists(config_path) else []
+    if is_main:
+        config_lib.save_config(config, config_path)
+
+    learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+    state = create_train_state(model, config.image_size, create_optimizer(config, learning_rate_fn), config.seed,
+                               mesh, ema=config.ema_decay > 0)
+    log.info(
+        "Model: %s, %s parameters, %s cross-entropy, %s compute; %d steps of %d images per epoch on %s.",
+        config.model, f"{models.count_params(state.params):,}", loss_kind, config.dtype, steps_per_epoch,
+        config.batch_size, parallel.describe(),
+    )
+
+    metrics_log = MetricsLog(workdir) if is_main else None
+    try:
+        restored = checkpointer.restore(state)
+    except Exception as e:
+        raise UserError(
+            f"the checkpoints in {workdir} cannot be restored with this config "
+            f"({str(e).splitlines()[0][:200]}); use another --workdir"
+        ) from None
+    start_epoch = 0
+    if restored is not None:
+        state, meta, step = restored
+        start_epoch = int(meta["epoch"])
+        log.info("Resuming from the checkpoint of epoch %d (step %d) in %s.", start_epoch, step, workdir)
+        if config_changes:
+            log.warning("The run in %s was started with another config; it goes on with this one's values, "
+                        "which mixes two recipes (use a new --workdir to start afresh): %s", workdir,
+                        "; ".join(config_changes))
+    if is_main:
+        metrics_log.keep_up_to(start_epoch)
+    if start_epoch >= config.epochs:
+        log.info("Already trained for %d of %d epochs; nothing to do.", start_epoch, config.epochs)
+
     # The report's scores of the best epoch, collected while validating, spare it a second pass over the photos.
     keep_scores = config.report and is_main and jax.process_count() == 1
     if keep_scores:
@@ -510,6 +555,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
             # Scores from before a resume are not at hand: then the report scores the best checkpoint itself.
             _write_report(workdir, best_scores if best_scores and best_scores.epoch == best["epoch"] else None)
     return records
+
+
+# Kept free of the time budget for what the estimate leaves out: the report at the end, checkpoints, logging.
+_BUDGET_RESERVE_S = 15.0
+# The estimate is stretched by this much before it has to fit, as the loop costs a little more than its steps.
+_BUDGET_SAFETY = 1.05
+
+
+def _fit_to_time_budget(
+    config: ml_collections.ConfigDict, run_start: float, probe: TrainState, train_step_fn: Callable,
+    eval_fn: Callable, train_images: Any, val_images: Any, train_split: Any, val_split: Any, steps_per_epoch: int,
+    rows: tuple[int, int],
+) -> int:
+    """The epochs that fit config.time_budget_minutes, from the time already spent since `run_start` and the
+    measured cost of what is left: the images are decoded (and cached, as the first epoch would), then the
+    train step is timed at every training size and validation on one batch, on `probe` (a throwaway state)."""
+    cached = {}
+    decode_seconds = {}
+    for name, images, split in (("train", train_images, train_split), ("validation", val_images, val_split)):
+        start = time.perf_counter()
+        for _ in images:  # A whole pass fills tf.data's cache; later epochs read from it.
+            pass
+        decode_seconds[name] = time.perf_counter() - start
+        cached[name] = config.cache and input_pipeline.fits_in_memory(split, config.image_size)
+    batch = next(input_pipeline.train_batches(train_images, train_split.num_examples, config.batch_size,
+                                              config.seed, 0, rows))
+    sizes = sorted({train_image_size(config, epoch) for epoch in range(1, config.epochs + 1)})
+    step_seconds = {}
+    for size in sizes:
+        probe, step_seconds[size] = _seconds_per_call(
+            functools.partial(train_step_fn, image_size=size), probe, batch, calls=8)
+    eval_batch = next(input_pipeline.eval_batches(val_images, config.batch_size, rows))
+    _, eval_seconds = _seconds_per_call(lambda state, b: (state, eval_fn(state, b)), probe, eval_batch, calls=4)
+    validation_seconds = eval_seconds * -(-val_split.num_examples // config.batch_size)
+    # Without the cache every epoch decodes its images again.
+    epoch_extra = 0.0 if cached["train"] else decode_seconds["train"]
+    validation_seconds += 0.0 if cached["validation"] else decode_seconds["validation"]
+
+    spent = time.perf_counter() - run_start
+    available = config.time_budget_minutes * 60 - spent - _BUDGET_RESERVE_S
+    estimate = lambda epochs: _BUDGET_SAFETY * estimate_training_seconds(
+        config, epochs, step_seconds, steps_per_epoch, epoch_extra, validation_seconds)
+    epochs = parallel.value_of_main_process(fit_epochs(config, available, estimate))
+    log.info(
+        "Time budget %.1f min: %d epoch(s) (at most %d) estimated at %.1f min after %.0f s of reading, decoding and "
+        "timing (a step of %d images: %s; validation %.1f s).",
+        config.time_budget_minutes, epochs, config.epochs, estimate(epochs) / 60, spent, config.batch_size,
+        ", ".join(f"{1000 * step_seconds[size]:.0f} ms at {size} px" for size in sizes), validation_seconds)
+    if estimate(epochs) > available:
+        log.warning("The time budget of %.1f min is too short for even %d epoch(s) of this recipe; training %d.",
+                    config.time_budget_minutes, epochs, epochs)
+    return epochs
+
+
+def _seconds_per_call(call: Callable, state: TrainState, batch: dict[str, np.ndarray],
+                      calls: int) -> tuple[TrainState, float]:
+    """Seconds per `call(state, batch) -> (state, outputs)`, after one untimed call that compiles it."""
+    state, outputs = call(state, batch)
+    jax.block_until_ready(outputs)
+    start = time.perf_counter()
+    for _ in range(calls):
+        state, outputs = call(state, batch)
+    jax.block_until_ready((state, outputs))
+    return state, (time.perf_counter() - start) / calls
 
 
 def _write_report(workdir: str, scores: Any = None) -> None:

@@ -52,7 +52,8 @@ def main(argv) -> None:
     scores = evaluate.evaluate(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, tta=FLAGS.tta,
                                name=f"check_{FLAGS.split}_{FLAGS.tta}")
     best = metrics.best_record(records) or {"epoch": 0}
-    print(f"| {config.name} | {FLAGS.note or '-'} | {config.model} {config.image_size}px, {config.epochs} epochs | "
+    epochs = records[-1]["epoch"] if records else 0  # A time budget may have trained fewer than config.epochs.
+    print(f"| {config.name} | {FLAGS.note or '-'} | {config.model} {config.image_size}px, {epochs} epochs | "
           f"{scores['accuracy']:.4f} ({FLAGS.split}, tta {FLAGS.tta}, best epoch {best['epoch']}) | "
           f"{minutes:.1f} min (whole command incl. scan and compile) |")
     missed = []

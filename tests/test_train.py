@@ -179,6 +179,59 @@ def test_run_validating_every_other_epoch_keeps_the_best_of_those_and_resumes(ti
     assert resumed[:3] == records and resumed[3]["epoch"] == 4 and "val_accuracy" in resumed[3]
 
 
+def test_training_time_estimate_sums_each_epochs_steps_at_its_size_and_its_validation(tiny_config):
+    tiny_config.update(epochs=8, validate_every=3, image_size=16)
+    tiny_config.progressive.update(start_scale=0.5, stages=4)  # Stages of 8, 8, 16 and 16 px.
+    step_seconds = {8: 1.0, 16: 2.0}
+    # Epochs 1-4 at 8 px and 5-8 at 16 px, 10 steps each plus 0.5 s; validated after epochs 3 and 6 (every
+    # third) and 7 and 8 (the last stage).
+    assert train.estimate_training_seconds(tiny_config, 8, step_seconds, 10, 0.5, 5.0) == pytest.approx(
+        4 * 10.5 + 4 * 20.5 + 4 * 5.0)
+    # Four epochs: one a stage; validated after epoch 3 and the last.
+    assert train.estimate_training_seconds(tiny_config, 4, step_seconds, 10, 0.0, 5.0) == pytest.approx(
+        2 * 10.0 + 2 * 20.0 + 2 * 5.0)
+    assert tiny_config.epochs == 8  # Estimating other epoch counts leaves the config alone.
+
+
+def test_fit_epochs_keeps_whole_stages_and_never_goes_below_one(tiny_config):
+    per_epoch = lambda epochs: 10.0 * epochs
+    tiny_config.update(epochs=30)
+    assert train.fit_epochs(tiny_config, 1000.0, per_epoch) == 30  # All of them fit.
+    assert train.fit_epochs(tiny_config, 125.0, per_epoch) == 12
+    assert train.fit_epochs(tiny_config, 5.0, per_epoch) == 1  # Nothing fits: the least there is.
+    tiny_config.progressive.update(start_scale=0.5, stages=4)
+    assert train.fit_epochs(tiny_config, 125.0, per_epoch) == 12
+    assert train.fit_epochs(tiny_config, 119.0, per_epoch) == 8  # A multiple of the 4 stages.
+    assert train.fit_epochs(tiny_config, 5.0, per_epoch) == 4
+    assert train.fit_epochs(tiny_config, 300.0, per_epoch) == 30  # The most asked for, even if not a multiple.
+    assert train.fit_epochs(tiny_config, 299.0, per_epoch) == 28
+
+
+def test_time_budget_sets_the_epochs_and_a_resume_keeps_them(tiny_config, two_class_dir, tmp_path, caplog):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=6, time_budget_minutes=1e-4)
+    tiny_config.cnn.global_pool = True
+    tiny_config.progressive.update(start_scale=0.5, stages=2)
+    workdir = tmp_path / "w"
+    caplog.set_level("INFO")
+    # A budget of 6 ms fits nothing: the run trains one epoch a stage, and says so.
+    records = train.train_and_evaluate(tiny_config, str(workdir))
+    assert [r["train_image_size"] for r in records] == [8, 16]
+    assert "too short for even 2 epoch(s)" in caplog.text
+    assert json.loads((workdir / "config.json").read_text())["epochs"] == 2
+    assert tiny_config.epochs == 6  # The caller's config is not changed.
+
+    # Resumed with a budget that fits everything: the run keeps its plan of 2 and has nothing left to do.
+    tiny_config.time_budget_minutes = 60.0
+    assert train.train_and_evaluate(tiny_config, str(workdir)) == records
+    assert "keeps the 2 epochs it planned" in caplog.text
+
+
+def test_a_generous_time_budget_trains_every_epoch(tiny_config, two_class_dir, tmp_path):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=3, time_budget_minutes=60.0)
+    records = train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+
+
 def test_learning_rate_schedules(tiny_config):
     tiny_config.update(lr_schedule="cosine", warmup_epochs=1.0, epochs=4, learning_rate=0.1)
     lr = train.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
@@ -286,6 +339,8 @@ def test_three_classes_use_softmax_and_a_held_out_split(tiny_config, flat_three_
     ("batch_size", -4, "batch_size must be a positive"),
     ("image_size", 0, "image_size must be a positive"),
     ("learning_rate", -0.1, "learning_rate must be a non-negative"),
+    ("time_budget_minutes", -1.0, "time_budget_minutes must be a non-negative"),
+    ("time_budget_minutes", float("nan"), "time_budget_minutes must be a non-negative"),
     ("resize", "stretch", "resize must be"),
     ("mix.mixup_alpha", -1.0, "mix.mixup_alpha must be >= 0"),
     ("mix.prob", 1.5, r"mix.prob must be in \[0, 1\]"),
