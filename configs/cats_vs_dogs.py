@@ -4,11 +4,11 @@ four times the default's weight decay, trained for as many epochs as fit in 18 m
 at most 160, in four progressive-resizing stages, 96 -> 160 px), validating only every 11th epoch before the
 last stage (where the best epoch is found).
 
-Session 20 (docs/accuracy.md, e74-e77): with weight decay 0.2, accuracy kept rising with the epochs. 144-148
-epochs scored 0.905-0.914 best validation accuracy (seeds 0-3), against 0.858-0.878 at 88 (session 19). Alone
-on a 2-core Intel Xeon with AVX-512 the budget chose 148 epochs and the whole run took 17.2 minutes (e76). On a
-slower 2-core CPU it trains fewer: on session 14's AVX2-only host about 96 epochs would fit (0.884 with one
-seed in session 17), an estimate from its epoch times. Weight decay 0.2 instead of the default's 0.05 (session
+Session 20 (docs/accuracy.md, e74-e80): with weight decay 0.2, accuracy kept rising with the epochs. 144-148
+epochs scored 0.879-0.914 best validation accuracy over seeds 0-3 (mean 0.902), against 0.858-0.878 (mean
+0.867) at 88 (session 19). Alone on a 2-core Intel Xeon with AVX-512 the budget chose 148-160 epochs and the
+whole run took 17-18 minutes (e76, e82). A slower 2-core CPU trains fewer and scores less: pinned to one core
+each (steps about 1.5x as long), two runs planned 100-104 epochs and scored 0.864 and 0.882 (e79, e80). Weight decay 0.2 instead of the default's 0.05 (session
 17): +0.010 on average over four seeds at no cost in time; it lost on small folders, so the default keeps 0.05.
 
 Train:  python -m imgclf_jax.train --config configs/cats_vs_dogs.py --data_dir ../shared/datasets/cats_vs_dogs
