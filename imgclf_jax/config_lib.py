@@ -99,11 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Epochs not validated still save a checkpoint (resume) but cannot be the best one.
     c.validate_every = 1
     # > 0: fit the run into about this many minutes of the whole training command (reading and decoding the
-    # images, compiling, training, validating, the report). Before training, the train step is timed at each
-    # training image size and validation on one batch, and the run trains the most epochs that fit, with
-    # `epochs` the most it may train (with progressive resizing, a multiple of the stages). A resumed run
-    # keeps the epochs it planned at its start. The plan is an estimate: a machine that slows down mid-run
-    # makes it late.
+    # images, compiling, training, validating, the report). Before training, the images are decoded, the train
+    # step is timed at each training image size and a validation pass as a whole, and the run trains the most
+    # epochs that fit, with `epochs` the most it may train (with progressive resizing, a multiple of the
+    # stages). A resumed run keeps the epochs it planned at its start. The plan is an estimate: a machine that
+    # slows down mid-run makes it late.
     c.time_budget_minutes = 0.0
     c.checkpoints_to_keep = 2  # Latest checkpoints kept, besides the best by validation accuracy.
     c.report = True  # Write report.html (imgclf_jax.report) at the end of training.
