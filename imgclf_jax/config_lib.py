@@ -102,8 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
     # images, compiling, training, validating, the report). Before training, the images are decoded, the train
     # step is timed at each training image size and a validation pass as a whole, and the run trains the most
     # epochs that fit, with `epochs` the most it may train (with progressive resizing, a multiple of the
-    # stages). A resumed run keeps the epochs it planned at its start. The plan is an estimate: a machine that
-    # slows down mid-run makes it late.
+    # stages). After epoch 4 the plan is checked once against the pace of epochs 2-4 and cut if the rest
+    # would not fit at that pace (never lengthened). A resumed run keeps its plan. The plan is an estimate:
+    # a machine that slows down later in the run makes it late.
     c.time_budget_minutes = 0.0
     c.checkpoints_to_keep = 2  # Latest checkpoints kept, besides the best by validation accuracy.
     c.report = True  # Write report.html (imgclf_jax.report) at the end of training.

@@ -136,16 +136,16 @@ def validates_after(config: ml_collections.ConfigDict, epoch: int) -> bool:
 
 def estimate_training_seconds(
     config: ml_collections.ConfigDict, epochs: int, step_seconds: Mapping[int, float], steps_per_epoch: int,
-    epoch_extra_seconds: float, validation_seconds: float,
+    epoch_extra_seconds: float, validation_seconds: float, first_epoch: int = 1, last_epoch: Optional[int] = None,
 ) -> float:
-    """Estimated seconds of `epochs` epochs of the config's recipe: every epoch's steps at its training size
-    (`step_seconds`: seconds per step by size) plus `epoch_extra_seconds`, and a validation pass after the
-    epochs that have one."""
+    """Estimated seconds of epochs `first_epoch` to `last_epoch` (default: all) of the config's recipe trained
+    for `epochs` epochs: every epoch's steps at its training size (`step_seconds`: seconds per step by size)
+    plus `epoch_extra_seconds`, and a validation pass after the epochs that have one."""
     planned = config.copy_and_resolve_references()
     planned.epochs = epochs
     return sum(steps_per_epoch * step_seconds[train_image_size(planned, epoch)] + epoch_extra_seconds
                + (validation_seconds if validates_after(planned, epoch) else 0.0)
-               for epoch in range(1, epochs + 1))
+               for epoch in range(first_epoch, (epochs if last_epoch is None else last_epoch) + 1))
 
 
 def fit_epochs(config: ml_collections.ConfigDict, seconds: float, estimate: Callable[[int], float]) -> int:
@@ -161,6 +161,33 @@ def fit_epochs(config: ml_collections.ConfigDict, seconds: float, estimate: Call
             break
         fitted = epochs
     return fitted
+
+
+def refit_epochs(config: ml_collections.ConfigDict, seconds_left: float, paced: range, paced_seconds: float,
+                 estimate: Callable[..., float]) -> int:
+    """The epochs to train after the `paced` ones (1-based, trained under the plan of config.epochs) took
+    `paced_seconds` and `seconds_left` remain: config.epochs if the rest fits at the pace they set, else fewer.
+
+    `estimate(config, epochs, first_epoch, last_epoch)` is the timed estimate; the rest is estimated at the
+    paced epochs' slowdown against it (never a speed-up: a small early epoch running fast says little of
+    later, larger ones), plus the planning's margin. Fewer epochs keep whole progressive stages and put every
+    trained epoch at the size it had, and are never fewer than that allows, even if they do not fit."""
+    slowdown = max(1.0, paced_seconds / estimate(config, config.epochs, paced.start, paced.stop - 1))
+    rest = lambda epochs: _BUDGET_SAFETY * slowdown * estimate(config, epochs, paced.stop)
+    if rest(config.epochs) <= seconds_left:
+        return config.epochs
+    unit = config.progressive.stages if config.progressive.start_scale else 1
+    trained_sizes = [train_image_size(config, epoch) for epoch in range(1, paced.stop)]
+
+    def keeps_trained_sizes(epochs: int) -> bool:
+        planned = config.copy_and_resolve_references()
+        planned.epochs = epochs
+        return [train_image_size(planned, epoch) for epoch in range(1, paced.stop)] == trained_sizes
+
+    candidates = [epochs for epochs in range(unit, config.epochs, unit)
+                  if epochs >= paced.stop and keeps_trained_sizes(epochs)]
+    fitting = [epochs for epochs in candidates if rest(epochs) <= seconds_left]
+    return max(fitting) if fitting else min(candidates, default=config.epochs)
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
@@ -434,6 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     val_images = input_pipeline.prepare(val_split, config.image_size, config.resize, config.cache)
 
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoints_to_keep)
+    timed_estimate = None  # Set when this run plans its epochs to a time budget.
     if config.time_budget_minutes:
         if checkpointer.all_steps() and os.path.exists(config_path):
             config.epochs = config_lib.load_saved_config(config_path).epochs
@@ -442,7 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
             probe = create_train_state(model, config.image_size,
                                        create_optimizer(config, create_learning_rate_fn(config, steps_per_epoch)),
                                        config.seed, mesh, ema=config.ema_decay > 0)
-            config.epochs = _fit_to_time_budget(
+            config.epochs, timed_estimate = _fit_to_time_budget(
                 config, run_start, probe, train_step_fn, eval_fn, train_images, val_images, train_split, val_split,
                 steps_per_epoch, rows)
     config_changes = config_lib.changes_from_saved(config_path, config) if os.path.exists(config_path) else []
@@ -486,9 +514,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         from imgclf_jax import report  # report -> evaluate -> inference -> train.
     best_scores, best_accuracy = None, 0.0
 
+    # A run planned here checks the pace of real epochs against its timed estimate once, on epochs 2-4 (the
+    # first compiles its step), while the learning rate is still near its peak: cutting a plan of 160 epochs
+    # to 80 would have changed theirs by under 0.3%.
+    paced = range(2, 5) if timed_estimate is not None and start_epoch == 0 and config.epochs > 4 else None
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
+            if epoch > config.epochs:  # The pace check planned fewer.
+                break
             epoch_start = time.perf_counter()
+            if paced and epoch == paced.start:
+                paced_start = epoch_start
             image_size = train_image_size(config, epoch)
             if config.progressive.start_scale and (
                     epoch == start_epoch + 1 or image_size != train_image_size(config, epoch - 1)):
@@ -539,6 +575,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                 f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}" if validated
                 else "not validated", record["train_images_per_s"], record["epoch_time_s"],
             )
+            if paced and epoch == paced.stop - 1:
+                epochs = _check_pace(config, run_start, paced, time.perf_counter() - paced_start, timed_estimate)
+                if epochs != config.epochs:
+                    config.epochs = epochs
+                    learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+                    state = state.replace(tx=create_optimizer(config, learning_rate_fn))  # Compiles anew.
+                    if is_main:
+                        config_lib.save_config(config, config_path)  # A resume keeps this plan.
     finally:
         checkpointer.wait_until_finished()
         checkpointer.close()
@@ -567,10 +611,12 @@ def _fit_to_time_budget(
     config: ml_collections.ConfigDict, run_start: float, probe: TrainState, train_step_fn: Callable,
     eval_fn: Callable, train_images: Any, val_images: Any, train_split: Any, val_split: Any, steps_per_epoch: int,
     rows: tuple[int, int],
-) -> int:
+) -> tuple[int, Callable[..., float]]:
     """The epochs that fit config.time_budget_minutes, from the time already spent since `run_start` and the
     measured cost of what is left: the images are decoded (and cached, as the first epoch would), then the
-    train step at every training size and a whole validation pass are timed, on `probe` (a throwaway state)."""
+    train step at every training size and a whole validation pass are timed, on `probe` (a throwaway state).
+    Also the timed estimate, as a function of (config, epochs, first_epoch=1, last_epoch=None), for
+    `refit_epochs` once real epochs have set the pace."""
     cached = {}
     decode_seconds = {}
     for name, images, split in (("train", train_images, train_split), ("validation", val_images, val_split)):
@@ -600,8 +646,9 @@ def _fit_to_time_budget(
 
     spent = time.perf_counter() - run_start
     available = config.time_budget_minutes * 60 - spent - _BUDGET_RESERVE_S
-    estimate = lambda epochs: _BUDGET_SAFETY * estimate_training_seconds(
-        config, epochs, step_seconds, steps_per_epoch, epoch_extra, validation_seconds)
+    timed_estimate = lambda cfg, epochs, first_epoch=1, last_epoch=None: estimate_training_seconds(
+        cfg, epochs, step_seconds, steps_per_epoch, epoch_extra, validation_seconds, first_epoch, last_epoch)
+    estimate = lambda epochs: _BUDGET_SAFETY * timed_estimate(config, epochs)
     epochs = parallel.value_of_main_process(fit_epochs(config, available, estimate))
     log.info(
         "Time budget %.1f min: %d epoch(s) (at most %d) estimated at %.1f min after %.0f s of reading, decoding and "
@@ -611,6 +658,20 @@ def _fit_to_time_budget(
     if estimate(epochs) > available:
         log.warning("The time budget of %.1f min is too short for even %d epoch(s) of this recipe; training %d.",
                     config.time_budget_minutes, epochs, epochs)
+    return epochs, timed_estimate
+
+
+def _check_pace(config: ml_collections.ConfigDict, run_start: float, paced: range, paced_seconds: float,
+                timed_estimate: Callable[..., float]) -> int:
+    """The epochs to train now that the `paced` epochs took `paced_seconds` (`refit_epochs`), logged."""
+    seconds_left = config.time_budget_minutes * 60 - (time.perf_counter() - run_start) - _BUDGET_RESERVE_S
+    epochs = parallel.value_of_main_process(
+        refit_epochs(config, seconds_left, paced, paced_seconds, timed_estimate))
+    pace = paced_seconds / timed_estimate(config, config.epochs, paced.start, paced.stop - 1)
+    what = (f"the plan of {config.epochs} stands" if epochs == config.epochs
+            else f"re-planned to {epochs} epochs (was {config.epochs}) to end within the budget")
+    log.info("Time budget: epochs %d-%d took %.1f s, %.2fx their timed estimate; %s.",
+             paced.start, paced.stop - 1, paced_seconds, pace, what)
     return epochs
 
 

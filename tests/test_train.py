@@ -207,6 +207,72 @@ def test_fit_epochs_keeps_whole_stages_and_never_goes_below_one(tiny_config):
     assert train.fit_epochs(tiny_config, 299.0, per_epoch) == 28
 
 
+def test_refit_epochs_cuts_the_plan_to_the_pace_of_real_epochs(tiny_config):
+    one_second_an_epoch = lambda config, epochs, first_epoch=1, last_epoch=None: float(
+        (epochs if last_epoch is None else last_epoch) - first_epoch + 1)
+    tiny_config.update(epochs=40, image_size=64)
+    tiny_config.progressive.update(start_scale=0.5, stages=4)  # 32, 40, 56 and 64 px.
+    paced = range(2, 5)  # Epochs 2-4, estimated at 3 s.
+    refit = lambda seconds_left, paced_seconds: train.refit_epochs(
+        tiny_config, seconds_left, paced, paced_seconds, one_second_an_epoch)
+    # At the estimated pace epochs 5-40 need 36 s, plus the 5% margin.
+    assert refit(100.0, 3.0) == 40
+    # Twice as slow: 2 * 1.05 * (E - 4) s must fit in 60 s, so E = 32 (a multiple of the 4 stages).
+    assert refit(60.0, 6.0) == 32
+    # Faster than timed counts as on time: 1.05 * (E - 4) <= 30 gives 32, not 40.
+    assert refit(30.0, 1.5) == 32
+    # Nothing fits: the fewest epochs that keep epochs 1-4 in the first stage (they trained at 32 px).
+    assert refit(1.0, 6.0) == 16
+    tiny_config.progressive.start_scale = 0.0  # Without stages any count will do: 2.1 * (E - 4) <= 20.
+    assert refit(20.0, 6.0) == 13
+    assert tiny_config.epochs == 40  # Left for the caller to change.
+
+
+def test_a_run_slower_than_its_timing_is_re_planned_after_epoch_4(tiny_config, two_class_dir, tmp_path, caplog,
+                                                                 monkeypatch):
+    # Steps timed at a microsecond: the plan is all 12 epochs, which epochs 2-4 show cannot fit in a minute.
+    monkeypatch.setattr(train, "_seconds_per_call", lambda call, state, batch, calls: (state, 1e-6))
+    schedules = {}  # id of each optimizer made -> (the optimizer, its learning-rate schedule)
+    make_optimizer, step = train.create_optimizer, train.train_step
+
+    def spy_optimizer(config, learning_rate_fn):
+        tx = make_optimizer(config, learning_rate_fn)
+        schedules[id(tx)] = (tx, learning_rate_fn)
+        return tx
+
+    traced = []  # (image size, schedule of the state's optimizer) for each trace of the train step
+
+    def spy_step(state, batch, **kwargs):
+        traced.append((kwargs["image_size"], schedules[id(state.tx)][1]))
+        return step(state, batch, **kwargs)
+
+    monkeypatch.setattr(train, "create_optimizer", spy_optimizer)
+    monkeypatch.setattr(train, "train_step", spy_step)
+    tiny_config.update(data_dir=str(two_class_dir), epochs=12, time_budget_minutes=1.0, validate_every=100,
+                       lr_schedule="cosine", warmup_epochs=1.0)
+    tiny_config.cnn.global_pool = True
+    tiny_config.progressive.update(start_scale=0.5, stages=2)
+    workdir = tmp_path / "w"
+    caplog.set_level("INFO")
+    records = train.train_and_evaluate(tiny_config, str(workdir))
+    assert "Time budget 1.0 min: 12 epoch(s)" in caplog.text
+    assert "re-planned to 8 epochs (was 12)" in caplog.text
+    # 8 is the fewest that keeps epochs 1-4 in the first (8 px) stage; the rest train at 16 px.
+    assert [r["train_image_size"] for r in records] == [8] * 4 + [16] * 4
+    assert json.loads((workdir / "config.json").read_text())["epochs"] == 8
+    # The learning rate follows the new plan's cosine to (almost) zero, not the old one's, which would
+    # still be at about 0.29 of its peak after epoch 8.
+    assert records[-1]["learning_rate"] < 0.05 * tiny_config.learning_rate
+    assert records[3]["learning_rate"] > 0.5 * tiny_config.learning_rate
+    # And so does the optimizer the steps use: epochs 1-4 (8 px) ran on the 12-epoch schedule, 5-8 (16 px)
+    # on one that reaches zero after 8 epochs.
+    steps_per_epoch = records[0]["step"]
+    assert [size for size, _ in traced] == [8, 16]
+    (_, before), (_, after) = traced
+    assert float(before(8 * steps_per_epoch)) > 0.1 * tiny_config.learning_rate
+    assert float(after(8 * steps_per_epoch)) == 0.0
+
+
 def test_time_budget_sets_the_epochs_and_a_resume_keeps_them(tiny_config, two_class_dir, tmp_path, caplog):
     tiny_config.update(data_dir=str(two_class_dir), epochs=6, time_budget_minutes=1e-4)
     tiny_config.cnn.global_pool = True
