@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the TrainState: saved every epoch, keeping the latest few and the best by validation
+"""Orbax checkpoints of the TrainState: saved after epochs that may be the best, the last, and others once
+`checkpoint_every_minutes` have passed (imgclf_jax.train), keeping the latest few and the best by validation
 accuracy. Saves are atomic (orbax writes to a temporary folder and renames), and restoring the latest
 checkpoint falls back to an older one, with a warning, if the newest cannot be read."""
 

@@ -512,7 +512,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     keep_scores = config.report and is_main and jax.process_count() == 1
     if keep_scores:
         from imgclf_jax import report  # report -> evaluate -> inference -> train.
+    # The best validation accuracy of this run so far: an epoch at least as good may be the best, so it is
+    # saved (after a resume, the first validated epoch is saved whatever its accuracy).
     best_scores, best_accuracy = None, 0.0
+    last_save = time.perf_counter()
 
     # A run planned here checks the pace of real epochs against its timed estimate once, on epochs 2-4 (the
     # first compiles its step), while the learning rate is still near its peak: cutting a plan of 160 epochs
@@ -548,14 +551,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                 "train_loss": float(np.mean([m["loss"] for m in step_metrics])),
                 "train_accuracy": float(np.mean([m["accuracy"] for m in step_metrics])),
             }
-            validated = validates_after(config, epoch)
+            validated, may_be_best = validates_after(config, epoch), False
             if validated:
                 scorer = report.ValidationScorer(report.GALLERY_SIZE) if keep_scores else None
                 val = evaluate_batches(eval_fn, state,
                                        input_pipeline.eval_batches(val_images, config.batch_size, rows),
                                        on_batch=scorer.add if scorer else None)
-                if scorer and val["accuracy"] >= best_accuracy:  # Ties: the later epoch.
+                may_be_best = val["accuracy"] >= best_accuracy  # Ties: the later epoch.
+                if may_be_best:
                     best_accuracy = val["accuracy"]
+                if scorer and may_be_best:
                     best_scores = scorer.scores(config, class_names, int(state.step), epoch, val_split.paths,
                                                 f"{source.description} (validation)")
                 record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
@@ -567,8 +572,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
             })
             if is_main:
                 metrics_log.append(record)
-            # An epoch without validation is saved for resume, without metrics: it cannot become the best.
-            checkpointer.save(int(state.step), state, {"epoch": epoch}, record if validated else None)
+            # Saved with metrics only if validated: an epoch without validation cannot become the best. The
+            # choice is process 0's, as orbax saves collectively and the clocks differ.
+            if parallel.value_of_main_process(int(
+                    epoch == config.epochs or (validated and may_be_best)
+                    or time.perf_counter() - last_save >= 60 * config.checkpoint_every_minutes)):
+                checkpointer.save(int(state.step), state, {"epoch": epoch}, record if validated else None)
+                last_save = time.perf_counter()
             log.info(
                 "epoch %d/%d  train loss %.4f acc %.4f | %s | %.0f img/s | %.1f s",
                 epoch, config.epochs, record["train_loss"], record["train_accuracy"],

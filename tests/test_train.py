@@ -179,6 +179,34 @@ def test_run_validating_every_other_epoch_keeps_the_best_of_those_and_resumes(ti
     assert resumed[:3] == records and resumed[3]["epoch"] == 4 and "val_accuracy" in resumed[3]
 
 
+def test_checkpoints_are_saved_when_an_epoch_may_be_the_best_when_due_and_at_the_end(
+        tiny_config, two_class_dir, tmp_path, monkeypatch):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=7, validate_every=1, checkpoint_every_minutes=60.0)
+    scripted_accuracy = iter([0.6, 0.5, 0.7, 0.7, 0.4, 0.3, 0.2])
+    monkeypatch.setattr(train, "evaluate_batches",
+                        lambda *args, **kwargs: {"loss": 1.0, "accuracy": next(scripted_accuracy)})
+    saved = []
+    real_save = checkpointing.Checkpointer.save
+
+    def spy_save(self, step, state, meta, metrics):
+        saved.append(meta["epoch"])
+        real_save(self, step, state, meta, metrics)
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", spy_save)
+    train.train_and_evaluate(tiny_config, str(tmp_path / "hourly"))
+    # Epochs at least as good as every earlier one (a tie may be the best: the later wins), and the last; the
+    # hour between time-due saves never passes.
+    assert saved == [1, 3, 4, 7]
+    checkpointer = checkpointing.Checkpointer(str(tmp_path / "hourly" / "checkpoints"), read_only=True)
+    assert checkpointer.best_step() == 4 * (48 // 8)
+
+    saved.clear()
+    scripted_accuracy = iter([0.6, 0.5, 0.7, 0.7, 0.4, 0.3, 0.2])
+    tiny_config.checkpoint_every_minutes = 0.0  # Due after every epoch.
+    train.train_and_evaluate(tiny_config, str(tmp_path / "every"))
+    assert saved == [1, 2, 3, 4, 5, 6, 7]
+
+
 def test_training_time_estimate_sums_each_epochs_steps_at_its_size_and_its_validation(tiny_config):
     tiny_config.update(epochs=8, validate_every=3, image_size=16)
     tiny_config.progressive.update(start_scale=0.5, stages=4)  # Stages of 8, 8, 16 and 16 px.
@@ -356,7 +384,8 @@ def test_two_epoch_run_writes_every_output_then_resumes(tiny_config, two_class_d
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tiny_config, two_class_dir, tmp_path, monkeypatch, caplog):
-    tiny_config.update(data_dir=str(two_class_dir), epochs=3, lr_schedule="cosine", warmup_epochs=0.5)
+    tiny_config.update(data_dir=str(two_class_dir), epochs=3, lr_schedule="cosine", warmup_epochs=0.5,
+                       checkpoint_every_minutes=0.0)  # Epoch 2 saved, whatever its accuracy.
     tiny_config.cnn.dropout = 0.2
     tiny_config.augment.update(enabled=True, flip=True, crop_area_min=0.6)
     train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
@@ -407,6 +436,7 @@ def test_three_classes_use_softmax_and_a_held_out_split(tiny_config, flat_three_
     ("learning_rate", -0.1, "learning_rate must be a non-negative"),
     ("time_budget_minutes", -1.0, "time_budget_minutes must be a non-negative"),
     ("time_budget_minutes", float("nan"), "time_budget_minutes must be a non-negative"),
+    ("checkpoint_every_minutes", -0.5, "checkpoint_every_minutes must be a non-negative"),
     ("resize", "stretch", "resize must be"),
     ("mix.mixup_alpha", -1.0, "mix.mixup_alpha must be >= 0"),
     ("mix.prob", 1.5, r"mix.prob must be in \[0, 1\]"),
