@@ -6,9 +6,12 @@ last stage (where the best epoch is found).
 
 Session 20 (docs/accuracy.md, e74-e80): with weight decay 0.2, accuracy kept rising with the epochs. 144-148
 epochs scored 0.879-0.914 best validation accuracy over seeds 0-3 (mean 0.902), against 0.858-0.878 (mean
-0.867) at 88 (session 19). Alone on a 2-core Intel Xeon with AVX-512 the budget chose 148-160 epochs and the
-whole run took 17-18 minutes (e76, e82). A slower 2-core CPU trains fewer and scores less: pinned to one core
-each (steps about 1.5x as long), two runs planned 100-104 epochs and scored 0.864 and 0.882 (e79, e80). Weight decay 0.2 instead of the default's 0.05 (session
+0.867) at 88 (session 19). Alone on a 2-core Intel Xeon with AVX-512 this config trained 160 epochs and scored
+0.890-0.920 over seeds 0-3 (mean 0.904) in 15.9-17.8 minutes (e82-e85); on a 2-core AMD EPYC with AVX-512,
+0.883 and 0.901 with seeds 0 and 1 in 13.7-15.3 minutes (e91, e94). Past 160 epochs where the budget allows (e92,
+e93: 180 and 168) scored +0.018 and -0.005 against the same seeds: no clear gain, so 160 stays the most. A slower
+2-core CPU trains fewer and scores less: pinned to one core each (steps about 1.5x as long), runs trained
+100-104 epochs and scored 0.864-0.882 (e79, e80, e88, e89). Weight decay 0.2 instead of the default's 0.05 (session
 17): +0.010 on average over four seeds at no cost in time; it lost on small folders, so the default keeps 0.05.
 
 Train:  python -m imgclf_jax.train --config configs/cats_vs_dogs.py --data_dir ../shared/datasets/cats_vs_dogs
