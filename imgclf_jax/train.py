@@ -134,6 +134,14 @@ def validates_after(config: ml_collections.ConfigDict, epoch: int) -> bool:
             or (stage is not None and stage == config.progressive.stages - 1))
 
 
+def planned_for(config: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
+    """A copy of `config` trained for `epochs` epochs, to ask what another plan would do (stage sizes,
+    validation) without changing the config."""
+    planned = config.copy_and_resolve_references()
+    planned.epochs = epochs
+    return planned
+
+
 def estimate_training_seconds(
     config: ml_collections.ConfigDict, epochs: int, step_seconds: Mapping[int, float], steps_per_epoch: int,
     epoch_extra_seconds: float, validation_seconds: float, first_epoch: int = 1, last_epoch: Optional[int] = None,
@@ -141,8 +149,7 @@ def estimate_training_seconds(
     """Estimated seconds of epochs `first_epoch` to `last_epoch` (default: all) of the config's recipe trained
     for `epochs` epochs: every epoch's steps at its training size (`step_seconds`: seconds per step by size)
     plus `epoch_extra_seconds`, and a validation pass after the epochs that have one."""
-    planned = config.copy_and_resolve_references()
-    planned.epochs = epochs
+    planned = planned_for(config, epochs)
     return sum(steps_per_epoch * step_seconds[train_image_size(planned, epoch)] + epoch_extra_seconds
                + (validation_seconds if validates_after(planned, epoch) else 0.0)
                for epoch in range(first_epoch, (epochs if last_epoch is None else last_epoch) + 1))
@@ -180,8 +187,7 @@ def refit_epochs(config: ml_collections.ConfigDict, seconds_left: float, paced: 
     trained_sizes = [train_image_size(config, epoch) for epoch in range(1, paced.stop)]
 
     def keeps_trained_sizes(epochs: int) -> bool:
-        planned = config.copy_and_resolve_references()
-        planned.epochs = epochs
+        planned = planned_for(config, epochs)
         return [train_image_size(planned, epoch) for epoch in range(1, paced.stop)] == trained_sizes
 
     candidates = [epochs for epochs in range(unit, config.epochs, unit)
