@@ -8,7 +8,7 @@ Session 20 (docs/accuracy.md, e74-e80): with weight decay 0.2, accuracy kept ris
 epochs scored 0.879-0.914 best validation accuracy over seeds 0-3 (mean 0.902), against 0.858-0.878 (mean
 0.867) at 88 (session 19). Alone on a 2-core Intel Xeon with AVX-512 this config trained 160 epochs and scored
 0.890-0.920 over seeds 0-3 (mean 0.904) in 15.9-17.8 minutes (e82-e85); on a 2-core AMD EPYC with AVX-512,
-0.883-0.904 over seeds 0-3 (mean 0.898) in 13.7-15.3 minutes (e91, e94-e96). Past 160 epochs where the
+0.876-0.904 over seeds 0-4 (mean 0.893) in 13.7-15.3 minutes (e91, e94-e96, e103). Past 160 epochs where the
 budget allows (e92, e93: 180 and 168) scored +0.018 and -0.005 against the same seeds: no clear gain, so 160
 stays the most. A slower
 2-core CPU trains fewer and scores less: pinned to one core each (steps about 1.5x as long), runs trained
