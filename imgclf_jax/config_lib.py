@@ -18,6 +18,7 @@ import ml_collections
 from imgclf_jax import image_io
 from imgclf_jax.errors import UserError
 
+TTA_MODES = ("none", "flip", "flip_scale")  # Test-time augmentations: imgclf_jax.inference.make_predict_fn.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 
@@ -113,8 +114,29 @@ def base_config() -> ml_collections.ConfigDict:
     # from a 3-8 s cats-vs-dogs epoch on a 2-core CPU).
     c.checkpoint_every_minutes = 1.0
     c.checkpoints_to_keep = 2  # Latest checkpoints kept, besides the best by validation accuracy.
+    # Test-time augmentation that evaluate and predict use unless --tta says otherwise: 'none', 'flip' (the
+    # photo and its mirror image, averaged) or 'flip_scale' (those and both again at 1.1x the size; needs a
+    # model that pools globally). Validation during training always scores the plain photo, so a run's
+    # logged accuracy is without it (the views would cost about 4.4x a validation pass).
+    c.tta = "none"
     c.report = True  # Write report.html (imgclf_jax.report) at the end of training.
     return c
+
+
+def pools_globally(config: ml_collections.ConfigDict) -> bool:
+    """Whether the config's model averages its features over the image, so that it takes any image size
+    (progressive resizing and the 'flip_scale' test-time augmentation need it)."""
+    return config.model == "resnet" or (config.model == "cnn" and config.cnn.global_pool)
+
+
+def check_tta(config: ml_collections.ConfigDict, tta: str, name: str) -> None:
+    """Rejects a test-time augmentation (`tta`, given as `name`) that is unknown or that the config's model
+    cannot run."""
+    if tta not in TTA_MODES:
+        raise UserError(f"{name} must be one of {', '.join(TTA_MODES)} (got {tta!r})")
+    if tta == "flip_scale" and not pools_globally(config):
+        raise UserError(f"{name} flip_scale needs a model that pools globally (resnet, or cnn with "
+                        f"cnn.global_pool=True), not '{config.model}'; use flip")
 
 
 def find_config_file(path: str) -> str:
@@ -192,10 +214,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not 0.0 < config.progressive.start_scale <= 1.0:
             raise UserError(f"progressive.start_scale must be in [0, 1] (got {config.progressive.start_scale!r})")
         require_positive_int("progressive.stages", config.progressive.stages)
-        if config.model == "tutorial_cnn" or (config.model == "cnn" and not config.cnn.global_pool):
+        if not pools_globally(config):
             raise UserError(f"progressive resizing needs a model that pools globally (resnet, or cnn with "
                             f"cnn.global_pool=True), not '{config.model}'; or train at one size with "
                             "--config.progressive.start_scale=0")
+    check_tta(config, config.tta, "tta")
+    if config.tta != "none" and not (config.augment.enabled and config.augment.flip):
+        raise UserError(f"tta '{config.tta}' averages each photo with its mirror image, but this config trains "
+                        "without flips (augment.enabled and augment.flip), so the model never learned that a "
+                        "mirrored photo is the same class: set --config.tta=none, or train with flips")
     if not 0.0 <= config.ema_decay < 1.0:
         raise UserError(f"ema_decay must be in [0, 1) (got {config.ema_decay!r})")
     if config.warmup_epochs < 0:

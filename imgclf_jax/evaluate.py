@@ -1,7 +1,7 @@
 """Evaluation: score a checkpoint of a trained run on a split and write a report.
 
     python -m imgclf_jax.evaluate --workdir W [--data_dir D | --dataset tfds:NAME] [--split S]
-        [--checkpoint best|latest|STEP] [--tta flip] [--batch_size N] [--name NAME]
+        [--checkpoint best|latest|STEP] [--tta none|flip|flip_scale] [--batch_size N] [--name NAME]
 
 Writes W/eval_<name>.json (accuracy, loss, per-class precision/recall/F1/support, confusion matrix, ROC-AUC
 for two classes, top-5 accuracy for more than five) and W/confusion_matrix_<name>.png.
@@ -75,11 +75,12 @@ def resolve_eval_data(
 
 
 def predict_split(
-    run: inference.TrainedRun, data: input_pipeline.Split, batch_size: int, tta: str = "none",
+    run: inference.TrainedRun, data: input_pipeline.Split, batch_size: int, tta: Optional[str] = None,
     on_batch: Optional[Callable[[np.ndarray, np.ndarray, np.ndarray], None]] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (N, classes), labels (N,)) for every image of `data`, in order.
 
+    `tta`: the test-time augmentation (inference.make_predict_fn; None: the run's config.tta).
     `on_batch(images, probabilities, labels)` sees each batch's real examples as they go by (the images
     as the model saw them, float [0, 1]), for callers that want more than the numbers.
     """
@@ -102,12 +103,15 @@ def evaluate(
     split: Optional[str] = None,
     checkpoint: str = "best",
     batch_size: int = 64,
-    tta: str = "none",
+    tta: Optional[str] = None,
     name: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Scores a checkpoint and writes `eval_<name>.json` and `confusion_matrix_<name>.png` into `workdir`."""
+    """Scores a checkpoint and writes `eval_<name>.json` and `confusion_matrix_<name>.png` into `workdir`.
+
+    `tta` None uses the test-time augmentation the run's config names (config.tta)."""
     config_lib.require_positive_int("batch_size", batch_size)
     run = inference.load_run(workdir, checkpoint)
+    tta = inference.resolve_tta(run, tta)
     data, default_name, description, skipped = resolve_eval_data(run, data_dir, dataset, split)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or default_name)
 
@@ -133,7 +137,7 @@ def format_report(report: dict[str, Any]) -> str:
     width = max(12, max(len(c) for c in classes) + 2)
     lines = [
         f"Checkpoint step {report['step']} (epoch {report['epoch']}, {report['checkpoint']}) on "
-        f"{report['data']}: {report['num_examples']} images" + (" (flip TTA)" if report["tta"] == "flip" else ""),
+        f"{report['data']}: {report['num_examples']} images" + (f" ({report['tta']} TTA)" if report["tta"] != "none" else ""),
         f"accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}  macro F1 {report['macro_f1']:.4f}"
         f"  ECE {report['calibration']['expected_calibration_error']:.4f}"
         + (f"  ROC-AUC {report['roc_auc']:.4f}" if "roc_auc" in report else "")
@@ -164,8 +168,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("split", None, "Split to score (default: test, else validation).")
     flags.DEFINE_string("checkpoint", "best", "'best' (by validation accuracy), 'latest' or a step number.")
     flags.DEFINE_integer("batch_size", 64, "Evaluation batch size (does not change the results).")
-    flags.DEFINE_enum("tta", "none", ["none", "flip"], "Test-time augmentation: 'flip' averages each "
-                      "image's prediction with its mirror image's.")
+    flags.DEFINE_enum("tta", None, list(config_lib.TTA_MODES), "Test-time augmentation: 'flip' averages each "
+                      "image's prediction with its mirror image's, 'flip_scale' also with both at 1.1x the size. "
+                      "Default: the run's config.tta.")
     flags.DEFINE_string("name", None, "Report name: eval_<name>.json (default: the split or folder name).")
 
 

@@ -48,7 +48,7 @@ def _load(path: str, image_size: int, resize: str, max_pixels: int) -> np.ndarra
 
 def predict_files(
     run: inference.TrainedRun, files: Sequence[tuple[str, Optional[str]]], batch_size: int = 64,
-    tta: str = "none",
+    tta: Optional[str] = None,
 ) -> Iterator[tuple[str, Optional[np.ndarray], Optional[str]]]:
     """Yields (path, probabilities or None, error or None) in input order, decoding in parallel batches."""
     config = run.config
@@ -97,7 +97,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("top_k", None, "Classes listed per image (default: 1 for two classes, else 3).")
     flags.DEFINE_bool("json", False, "One JSON object per line: path, label, probability, top_k.")
     flags.DEFINE_integer("batch_size", 64, "Images per batch.")
-    flags.DEFINE_enum("tta", "none", ["none", "flip"], "'flip' averages with the mirror image's prediction.")
+    flags.DEFINE_enum("tta", None, list(config_lib.TTA_MODES), "'flip' averages with the mirror image's "
+                      "prediction, 'flip_scale' also with both at 1.1x the size. Default: the run's config.tta.")
 
 
 def main(argv) -> None:

@@ -180,7 +180,7 @@ def score_checkpoint(workdir: str, checkpoint: str = "best", gallery_size: int =
     run = inference.load_run(workdir, checkpoint)
     data, _, description, _ = evaluate.resolve_eval_data(run, None, None, "validation")
     scorer = ValidationScorer(gallery_size)
-    evaluate.predict_split(run, data, batch_size, on_batch=scorer.add)
+    evaluate.predict_split(run, data, batch_size, tta="none", on_batch=scorer.add)  # As training validates.
     return scorer.scores(run.config, run.class_names, run.step, run.epoch, data.paths, description)
 
 
@@ -216,6 +216,9 @@ def build_report(workdir: str, checkpoint: str = "best", gallery_size: int = GAL
         report["confusion_matrix"], class_names, b, "Confusion matrix (rows = true class)"))
     reliability = _png_data_uri(lambda b: plotting.plot_reliability(
         calibration["bins"], calibration["expected_calibration_error"], b))
+    tta = config.get("tta", "none")
+    tta_note = (f"<br>Scored as training validates, on each photo alone; evaluate and predict average the "
+                f"{html.escape(tta)} test-time augmentation's views (config.tta)" if tta != "none" else "")
     config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
     generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
 
@@ -232,7 +235,7 @@ def build_report(workdir: str, checkpoint: str = "best", gallery_size: int = GAL
 <h1>{html.escape(name)}: {report['accuracy']:.1%} validation accuracy</h1>
 <p>{html.escape(config.model)} on {html.escape(scores.description)}; checkpoint {html.escape(str(checkpoint))}
 (step {scores.step}, epoch {scores.epoch} of {len(records) or '?'} trained); {len(class_names)} classes;
-generated {generated} by imgclf_jax.report</p>
+generated {generated} by imgclf_jax.report{tta_note}</p>
 </header>
 <main>
 <section id="summary"><h2>Summary</h2>{_cards(headline)}</section>

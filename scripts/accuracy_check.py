@@ -33,7 +33,8 @@ def _define_flags() -> None:
     flags.DEFINE_float("expect", 0.0, "Accuracy the best checkpoint must reach on the scored split.")
     flags.DEFINE_float("max_minutes", 0.0, "Training time budget in minutes (0 = no limit).")
     flags.DEFINE_string("split", "validation", "Split scored with the best checkpoint.")
-    flags.DEFINE_enum("tta", "none", ["none", "flip"], "Test-time augmentation when scoring.")
+    flags.DEFINE_enum("tta", None, list(config_lib.TTA_MODES), "Test-time augmentation when scoring "
+                      "(default: the config's tta, as evaluate and predict use).")
     flags.DEFINE_string("note", "", "Free text for the table row (what this variant changes).")
 
 
@@ -49,12 +50,13 @@ def main(argv) -> None:
     start = time.perf_counter()
     records = train.train_and_evaluate(config, workdir)
     minutes = (time.perf_counter() - start) / 60
-    scores = evaluate.evaluate(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, tta=FLAGS.tta,
-                               name=f"check_{FLAGS.split}_{FLAGS.tta}")
+    tta = FLAGS.tta or config.tta
+    scores = evaluate.evaluate(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, tta=tta,
+                               name=f"check_{FLAGS.split}_{tta}")
     best = metrics.best_record(records) or {"epoch": 0}
     epochs = records[-1]["epoch"] if records else 0  # A time budget may have trained fewer than config.epochs.
     print(f"| {config.name} | {FLAGS.note or '-'} | {config.model} {config.image_size}px, {epochs} epochs | "
-          f"{scores['accuracy']:.4f} ({FLAGS.split}, tta {FLAGS.tta}, best epoch {best['epoch']}) | "
+          f"{scores['accuracy']:.4f} ({FLAGS.split}, tta {tta}, best epoch {best['epoch']}) | "
           f"{minutes:.1f} min (whole command incl. scan and compile) |")
     missed = []
     if scores["accuracy"] < FLAGS.expect:

@@ -91,3 +91,18 @@ def test_changes_from_saved_names_changed_fields_only(tmp_path):
 
     path.write_text("{not json")
     assert "could not be read" in config_lib.changes_from_saved(str(path), config)[0]
+
+
+def test_bad_tta_is_named():
+    config = config_lib.base_config()
+    config.tta = "rotate"
+    with pytest.raises(UserError, match="tta must be one of none, flip, flip_scale \\(got 'rotate'\\)"):
+        config_lib.validate(config)
+    config.tta, config.model = "flip_scale", "tutorial_cnn"
+    with pytest.raises(UserError, match="tta flip_scale needs a model that pools globally"):
+        config_lib.validate(config)
+    config.model = "resnet"
+    with pytest.raises(UserError, match="trains without flips"):
+        config_lib.validate(config)  # base_config() does not augment.
+    config.augment.enabled = config.augment.flip = True
+    config_lib.validate(config)

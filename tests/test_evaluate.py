@@ -59,6 +59,56 @@ def test_flip_tta_averages_the_image_and_its_mirror(trained_run):
     assert report["tta"] == "flip" and report["num_examples"] == 13
 
 
+def _untrained_resnet_run(tmp_path) -> inference.TrainedRun:
+    """A TrainedRun around a fresh ResNet (which pools globally, so it takes any image size)."""
+    from imgclf_jax import config_lib, models, train
+
+    config = config_lib.base_config()
+    config.model, config.image_size, config.resnet.widths = "resnet", 20, (4, 8, 8, 8)
+    model = models.create_model(config, 3)
+    optimizer = train.create_optimizer(config, train.create_learning_rate_fn(config, steps_per_epoch=1))
+    state = train.create_train_state(model, config.image_size, optimizer, seed=0)
+    return inference.TrainedRun(str(tmp_path), config, ["a", "b", "c"], "softmax", state, 0, 0)
+
+
+def test_flip_scale_tta_averages_four_views(tmp_path):
+    from imgclf_jax import augmentation
+
+    run = _untrained_resnet_run(tmp_path)
+    images = np.random.default_rng(1).uniform(size=(3, 20, 20, 3)).astype(np.float32)
+    plain = inference.make_predict_fn(run, "none")
+    enlarged = np.asarray(augmentation.resize(images, 22))  # 1.1x of 20 px.
+    views = [images, images[:, :, ::-1], enlarged, enlarged[:, :, ::-1]]
+    expected = np.mean([np.asarray(plain(v)) for v in views], axis=0)
+    got = np.asarray(inference.make_predict_fn(run, "flip_scale")(images))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert got.shape == (3, 3) and np.allclose(got.sum(-1), 1.0, atol=1e-5)
+    run.config.tta = "flip_scale"  # What a run's config asks for is the default.
+    np.testing.assert_allclose(inference.make_predict_fn(run)(images), got, rtol=1e-6)
+
+
+def test_evaluate_uses_the_runs_configured_tta_unless_told_otherwise(trained_run, tmp_path):
+    workdir, data = trained_run
+    copy = tmp_path / "work"
+    shutil.copytree(workdir, copy)
+    saved = json.loads((copy / "config.json").read_text())
+    saved["tta"] = "flip"
+    (copy / "config.json").write_text(json.dumps(saved))
+    flipped = evaluate.evaluate(str(copy), data_dir=str(data))
+    assert flipped["tta"] == "flip"
+    assert flipped["loss"] == pytest.approx(evaluate.evaluate(str(workdir), data_dir=str(data), tta="flip")["loss"])
+    assert evaluate.evaluate(str(copy), data_dir=str(data), tta="none")["tta"] == "none"
+    assert "(flip TTA)" in evaluate.format_report(flipped)
+
+
+def test_tta_errors_name_the_problem(trained_run):
+    workdir, _ = trained_run
+    with pytest.raises(UserError, match="--tta flip_scale needs a model that pools globally"):
+        evaluate.evaluate(str(workdir), tta="flip_scale")  # trained_run's cnn flattens its features.
+    with pytest.raises(UserError, match="--tta must be one of none, flip, flip_scale"):
+        inference.make_predict_fn(inference.load_run(str(workdir)), "rotate")
+
+
 def test_unknown_class_folder_is_a_clear_error(trained_run, tmp_path):
     workdir, _ = trained_run
     make_class_folder(tmp_path / "zoo", {"cats": 2, "zebras": 2})
