@@ -70,6 +70,26 @@ def test_the_report_written_in_training_equals_one_rebuilt_from_the_best_checkpo
     assert comparable(rebuilt) == comparable((workdir / report.REPORT_FILE).read_text())
 
 
+def test_a_run_with_test_time_augmentation_is_reported_as_training_validated(trained_run, tmp_path):
+    # The report shows the accuracy training logged (each photo alone) and says that evaluate and predict
+    # average more views; it must not silently switch to the augmented score.
+    import json
+
+    workdir, _ = trained_run
+    copy = tmp_path / "work"
+    shutil.copytree(workdir, copy)
+    saved = json.loads((copy / "config.json").read_text())
+    saved["tta"] = "flip"
+    (copy / "config.json").write_text(json.dumps(saved))
+    page = open(report.build_report(str(copy))).read()
+    plain = evaluate.evaluate(str(workdir), split="validation", tta="none")
+    flipped = evaluate.evaluate(str(copy), split="validation")
+    assert flipped["tta"] == "flip" and f"{flipped['loss']:.4f}" != f"{plain['loss']:.4f}"
+    assert f"{plain['loss']:.4f}" in page and f"{flipped['loss']:.4f}" not in page
+    assert "evaluate and predict average the flip test-time augmentation" in page
+    assert "test-time augmentation" not in (workdir / report.REPORT_FILE).read_text()
+
+
 def test_hardest_images_keeps_the_highest_losses_worst_first():
     hardest = report.HardestImages(2)
     images = np.zeros((3, 4, 4, 3), np.float32)
