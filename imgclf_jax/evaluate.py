@@ -137,7 +137,8 @@ def format_report(report: dict[str, Any]) -> str:
     width = max(12, max(len(c) for c in classes) + 2)
     lines = [
         f"Checkpoint step {report['step']} (epoch {report['epoch']}, {report['checkpoint']}) on "
-        f"{report['data']}: {report['num_examples']} images" + (f" ({report['tta']} TTA)" if report["tta"] != "none" else ""),
+        f"{report['data']}: {report['num_examples']} images"
+        + (f" ({report['tta']} TTA)" if report["tta"] != "none" else ""),
         f"accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}  macro F1 {report['macro_f1']:.4f}"
         f"  ECE {report['calibration']['expected_calibration_error']:.4f}"
         + (f"  ROC-AUC {report['roc_auc']:.4f}" if "roc_auc" in report else "")

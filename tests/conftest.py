@@ -125,6 +125,18 @@ def trained_run(tmp_path_factory):
     return root / "work", data
 
 
+def copy_run_with_config(workdir: Path, dest: Path, **changes) -> Path:
+    """A copy of the trained run in `workdir` at `dest` whose saved config.json has `changes` applied (as a
+    run trained with them would have saved it; the weights stay the same)."""
+    import json
+
+    shutil.copytree(workdir, dest)
+    saved = json.loads((dest / "config.json").read_text())
+    saved.update(changes)
+    (dest / "config.json").write_text(json.dumps(saved))
+    return dest
+
+
 def png_bomb_bytes(width: int = 50_000, height: int = 50_000) -> bytes:
     """A tiny PNG whose header declares width x height RGB pixels (7.5 GB decoded at 50k x 50k)."""
     import struct

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import make_class_folder
+from conftest import copy_run_with_config, make_class_folder
 from imgclf_jax import evaluate, inference
 from imgclf_jax.errors import UserError
 
@@ -89,11 +89,7 @@ def test_flip_scale_tta_averages_four_views(tmp_path):
 
 def test_evaluate_uses_the_runs_configured_tta_unless_told_otherwise(trained_run, tmp_path):
     workdir, data = trained_run
-    copy = tmp_path / "work"
-    shutil.copytree(workdir, copy)
-    saved = json.loads((copy / "config.json").read_text())
-    saved["tta"] = "flip"
-    (copy / "config.json").write_text(json.dumps(saved))
+    copy = copy_run_with_config(workdir, tmp_path / "work", tta="flip")
     flipped = evaluate.evaluate(str(copy), data_dir=str(data))
     assert flipped["tta"] == "flip"
     assert flipped["loss"] == pytest.approx(evaluate.evaluate(str(workdir), data_dir=str(data), tta="flip")["loss"])

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import copy_run_with_config
 from imgclf_jax import evaluate, report
 
 
@@ -73,14 +74,8 @@ def test_the_report_written_in_training_equals_one_rebuilt_from_the_best_checkpo
 def test_a_run_with_test_time_augmentation_is_reported_as_training_validated(trained_run, tmp_path):
     # The report shows the accuracy training logged (each photo alone) and says that evaluate and predict
     # average more views; it must not silently switch to the augmented score.
-    import json
-
     workdir, _ = trained_run
-    copy = tmp_path / "work"
-    shutil.copytree(workdir, copy)
-    saved = json.loads((copy / "config.json").read_text())
-    saved["tta"] = "flip"
-    (copy / "config.json").write_text(json.dumps(saved))
+    copy = copy_run_with_config(workdir, tmp_path / "work", tta="flip")
     page = open(report.build_report(str(copy))).read()
     plain = evaluate.evaluate(str(workdir), split="validation", tta="none")
     flipped = evaluate.evaluate(str(copy), split="validation")
