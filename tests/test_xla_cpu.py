@@ -16,10 +16,11 @@ from imgclf_jax import cpu_conv, models, xla_cpu
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="the malloc settings are glibc's")
 
-# Runs a jitted function with two 200 MB temporaries (above glibc's 32 MiB mmap threshold) 20 times and
-# prints the minor page faults of those calls. The malloc settings are process-wide and must come before
-# JAX starts, hence a fresh interpreter.
-_CALLS = 20
+# Runs a jitted function with two 200 MB temporaries (above glibc's 32 MiB mmap threshold) 10 times to let the
+# heap grow, then 10 more, and prints the minor page faults of those last 10 calls. The malloc settings are
+# process-wide and must come before JAX starts, hence a fresh interpreter.
+_WARMUP_CALLS = 10
+_CALLS = 10
 _PAGES_PER_CALL = 2 * 200_000_000 // 4096
 _FAULTS_SCRIPT = textwrap.dedent(f"""
     import resource, time
@@ -28,7 +29,9 @@ _FAULTS_SCRIPT = textwrap.dedent(f"""
     import jax, jax.numpy as jnp
     f = jax.jit(lambda x: (jnp.sin(x) * jnp.cos(x) + x).sum())
     x = jnp.ones((50_000_000,), jnp.float32)
-    f(x).block_until_ready()  # Compiles.
+    for _ in range(1 + {_WARMUP_CALLS}):  # Compiles, then grows the heap.
+        f(x).block_until_ready()
+        time.sleep(0.1)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range({_CALLS}):
         f(x).block_until_ready()
@@ -50,8 +53,10 @@ def test_freed_memory_is_reused_without_page_faults():
     mode, faults = _run_faults_script({})
     assert mode == "kept"
     # Glibc's defaults fault every page in again at every call (measured: 97,656 faults a call). Kept, the
-    # heap grows for the first few calls (freed blocks are not always contiguous yet), then stays mapped.
-    assert faults < _CALLS * _PAGES_PER_CALL // 4
+    # heap grows for the first few calls (freed blocks are not always contiguous yet: 2-3 calls alone, 5 in a
+    # busy CI run, which a bound over all calls from the first made flaky), then stays mapped: after the
+    # warm-up, the calls together fault in less than one call's worth (measured: 0-1 faults).
+    assert faults < _PAGES_PER_CALL
 
 
 @glibc_only
