@@ -79,7 +79,10 @@ def test_flip_scale_tta_averages_four_views(tmp_path):
     plain = inference.make_predict_fn(run, "none")
     enlarged = np.asarray(augmentation.resize(images, 22))  # 1.1x of 20 px.
     views = [images, images[:, :, ::-1], enlarged, enlarged[:, :, ::-1]]
-    expected = np.mean([np.asarray(plain(v)) for v in views], axis=0)
+    per_view = [np.asarray(plain(v)) for v in views]
+    # The views must disagree, or dropping one of them would go unnoticed.
+    assert min(np.abs(a - b).max() for i, a in enumerate(per_view) for b in per_view[i + 1:]) > 1e-4
+    expected = np.mean(per_view, axis=0)
     got = np.asarray(inference.make_predict_fn(run, "flip_scale")(images))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert got.shape == (3, 3) and np.allclose(got.sum(-1), 1.0, atol=1e-5)
