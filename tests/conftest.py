@@ -125,6 +125,16 @@ def trained_run(tmp_path_factory):
     return root / "work", data
 
 
+def fresh_state(config, num_outputs: int):
+    """An untrained TrainState for `config`'s model with `num_outputs` logits (seeded by config.seed)."""
+    from imgclf_jax import models, train
+
+    model = models.create_model(config, num_outputs)
+    lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
+    return train.create_train_state(model, config.image_size, train.create_optimizer(config, lr), config.seed,
+                                    ema=config.ema_decay > 0)
+
+
 def copy_run_with_config(workdir: Path, dest: Path, **changes) -> Path:
     """A copy of the trained run in `workdir` at `dest` whose saved config.json has `changes` applied (as a
     run trained with them would have saved it; the weights stay the same)."""

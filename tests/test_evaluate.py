@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import copy_run_with_config, make_class_folder
+from conftest import copy_run_with_config, fresh_state, make_class_folder
 from imgclf_jax import evaluate, inference
 from imgclf_jax.errors import UserError
 
@@ -61,14 +61,11 @@ def test_flip_tta_averages_the_image_and_its_mirror(trained_run):
 
 def _untrained_resnet_run(tmp_path) -> inference.TrainedRun:
     """A TrainedRun around a fresh ResNet (which pools globally, so it takes any image size)."""
-    from imgclf_jax import config_lib, models, train
+    from imgclf_jax import config_lib
 
     config = config_lib.base_config()
     config.model, config.image_size, config.resnet.widths = "resnet", 20, (4, 8, 8, 8)
-    model = models.create_model(config, 3)
-    optimizer = train.create_optimizer(config, train.create_learning_rate_fn(config, steps_per_epoch=1))
-    state = train.create_train_state(model, config.image_size, optimizer, seed=0)
-    return inference.TrainedRun(str(tmp_path), config, ["a", "b", "c"], "softmax", state, 0, 0)
+    return inference.TrainedRun(str(tmp_path), config, ["a", "b", "c"], "softmax", fresh_state(config, 3), 0, 0)
 
 
 def test_flip_scale_tta_averages_four_views(tmp_path):

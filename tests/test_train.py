@@ -9,23 +9,17 @@ import jax
 import numpy as np
 import pytest
 
-from imgclf_jax import augmentation, checkpointing, input_pipeline, losses, mixing, models, train
+from conftest import fresh_state
+from imgclf_jax import augmentation, checkpointing, input_pipeline, losses, mixing, train
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import REQUIRED_KEYS, read_metrics
-
-
-def _state(config, num_outputs):
-    model = models.create_model(config, num_outputs)
-    lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
-    return train.create_train_state(model, config.image_size, train.create_optimizer(config, lr), config.seed,
-                                    ema=config.ema_decay > 0)
 
 
 @pytest.mark.parametrize("loss_kind, num_classes", [("sigmoid", 2), ("softmax", 3)])
 def test_train_step_lowers_the_loss_on_a_batch(tiny_config, loss_kind, num_classes):
     tiny_config.cnn.batch_norm = True
     tiny_config.cnn.dropout = 0.1
-    state = _state(tiny_config, losses.num_outputs(loss_kind, num_classes))
+    state = fresh_state(tiny_config, losses.num_outputs(loss_kind, num_classes))
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
              "label": (np.arange(8) % num_classes).astype(np.int32)}
@@ -42,7 +36,7 @@ def test_train_step_lowers_the_loss_on_a_batch(tiny_config, loss_kind, num_class
 @pytest.mark.parametrize("loss_kind, num_classes", [("sigmoid", 2), ("softmax", 3)])
 def test_mixed_train_step_loss_is_the_lam_weighted_loss_of_both_labels(tiny_config, loss_kind, num_classes):
     tiny_config.mix.update(mixup_alpha=0.4, cutmix_alpha=1.0)
-    state = _state(tiny_config, losses.num_outputs(loss_kind, num_classes))
+    state = fresh_state(tiny_config, losses.num_outputs(loss_kind, num_classes))
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
              "label": (np.arange(8) % num_classes).astype(np.int32)}
@@ -70,7 +64,7 @@ def test_train_step_trains_on_the_augmented_resized_batch(tiny_config):
     tiny_config.update(model="cnn")
     tiny_config.cnn.global_pool = True
     tiny_config.augment.update(enabled=True, flip=True, crop_area_min=0.5, brightness=0.1)
-    state = _state(tiny_config, 1)
+    state = fresh_state(tiny_config, 1)
     batch = {"image": np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
              "label": (np.arange(8) % 2).astype(np.int32)}
     step = jax.jit(functools.partial(train.train_step, loss_kind="sigmoid", label_smoothing=0.0,
@@ -95,7 +89,7 @@ def test_train_step_trains_on_the_augmented_resized_batch(tiny_config):
 def test_weight_average_follows_each_step_and_is_what_evaluation_uses(tiny_config):
     tiny_config.cnn.batch_norm = True
     tiny_config.ema_decay = 0.5
-    state = _state(tiny_config, 1)
+    state = fresh_state(tiny_config, 1)
     assert isinstance(state, train.EmaTrainState)
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
@@ -347,7 +341,7 @@ def test_sgd_step_is_nesterov_momentum_with_l2_on_weights_only(tiny_config):
 
 
 def test_evaluation_counts_each_example_once_whatever_the_batch_size(tiny_config, two_class_dir):
-    state = _state(tiny_config, 1)
+    state = fresh_state(tiny_config, 1)
     source = input_pipeline.load_folder_source(str(two_class_dir), 0.2, 0, 16, 10**8)
     prepared = input_pipeline.prepare(source.splits["validation"], 16, "squash", cache=True)
     eval_fn = jax.jit(functools.partial(train.eval_step, loss_kind="sigmoid"))
@@ -408,7 +402,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, two_class_dir,
     assert "another config" not in caplog.text  # The same config: nothing to warn about.
 
     def final_params(name):
-        config_state = _state(tiny_config, 1)
+        config_state = fresh_state(tiny_config, 1)
         from imgclf_jax.checkpointing import Checkpointer
 
         restored, _, _ = Checkpointer(str(tmp_path / name / "checkpoints"), read_only=True).restore(config_state)
