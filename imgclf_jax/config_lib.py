@@ -56,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     # sizes rise evenly from start_scale * image_size to image_size (multiples of 8); validation, evaluate and
     # predict always use image_size. An early epoch costs about (size / image_size)^2 of a full one, so the
     # same time buys more epochs. Needs a model that pools globally (resnet, or cnn with global_pool).
-    c.progressive = ml_collections.ConfigDict(dict(start_scale=0.0, stages=4))
+    # stage_epochs > 0 gives every stage but the last that many epochs and the last the rest; the time budget
+    # sets it when it shortens the last stage (below), and a resumed run keeps it.
+    c.progressive = ml_collections.ConfigDict(dict(start_scale=0.0, stages=4, stage_epochs=0))
 
     # Model: `model` picks the network; its settings live in the sub-config of the same name.
     c.model = "cnn"
@@ -103,9 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
     # images, compiling, training, validating, the report). Before training, the images are decoded, the train
     # step is timed at each training image size and a validation pass as a whole, and the run trains the most
     # epochs that fit, with `epochs` the most it may train (with progressive resizing, a multiple of the
-    # stages). After epoch 4 the plan is checked once against the pace of epochs 2-4 and cut if the rest
-    # would not fit at that pace (never lengthened). A resumed run keeps its plan. The plan is an estimate:
-    # a machine that slows down later in the run makes it late.
+    # stages). After epoch 4 the plan is checked against the pace of epochs 2-4 and cut if the rest would
+    # not fit at that pace (never lengthened); with progressive resizing the last stage is checked again
+    # before it starts, against the pace of the stage before it, and shortened if it would not fit. A resumed
+    # run keeps its plan. The plan is an estimate: a machine that slows down during the last stage makes it late.
     c.time_budget_minutes = 0.0
     # A checkpoint is saved after an epoch once this many minutes have passed since the last one (0: after
     # every epoch), after every validated epoch that may be the best (its accuracy at least that of the
@@ -214,6 +217,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not 0.0 < config.progressive.start_scale <= 1.0:
             raise UserError(f"progressive.start_scale must be in [0, 1] (got {config.progressive.start_scale!r})")
         require_positive_int("progressive.stages", config.progressive.stages)
+        stage_epochs = config.progressive.stage_epochs
+        if stage_epochs and (not isinstance(stage_epochs, int) or isinstance(stage_epochs, bool) or stage_epochs < 0
+                             or stage_epochs * (config.progressive.stages - 1) >= config.epochs):
+            raise UserError(
+                f"progressive.stage_epochs must be 0 (equal stages) or a whole number of epochs that leaves the "
+                f"last of the {config.progressive.stages} stages at least one of the {config.epochs} epochs "
+                f"(got {stage_epochs!r})")
         if not pools_globally(config):
             raise UserError(f"progressive resizing needs a model that pools globally (resnet, or cnn with "
                             f"cnn.global_pool=True), not '{config.model}'; or train at one size with "

@@ -112,7 +112,17 @@ def _progressive_stage(config: ml_collections.ConfigDict, epoch: int) -> Optiona
     scale, stages = config.progressive.start_scale, config.progressive.stages
     if not scale or stages == 1:
         return None
+    if config.progressive.stage_epochs:  # Set when the time budget shortened the last stage.
+        return min(stages - 1, (epoch - 1) // config.progressive.stage_epochs)
     return min(stages - 1, (epoch - 1) * stages // config.epochs)
+
+
+def last_stage_start(config: ml_collections.ConfigDict) -> Optional[int]:
+    """The first epoch (1-based) of the last progressive-resizing stage; None without stages (or with one)."""
+    if _progressive_stage(config, config.epochs) is None:
+        return None
+    return next(epoch for epoch in range(1, config.epochs + 1)
+                if _progressive_stage(config, epoch) == config.progressive.stages - 1)
 
 
 def train_image_size(config: ml_collections.ConfigDict, epoch: int) -> int:
@@ -171,15 +181,17 @@ def fit_epochs(config: ml_collections.ConfigDict, seconds: float, estimate: Call
 
 
 def refit_epochs(config: ml_collections.ConfigDict, seconds_left: float, paced: range, paced_seconds: float,
-                 estimate: Callable[..., float]) -> int:
+                 estimate: Callable[..., float], lag_share: float = 1.0) -> int:
     """The epochs to train after the `paced` ones (1-based, trained under the plan of config.epochs) took
     `paced_seconds` and `seconds_left` remain: config.epochs if the rest fits at the pace they set, else fewer.
 
     `estimate(config, epochs, first_epoch, last_epoch)` is the timed estimate; the rest is estimated at the
     paced epochs' slowdown against it (never a speed-up: a small early epoch running fast says little of
-    later, larger ones), plus the planning's margin. Fewer epochs keep whole progressive stages and put every
-    trained epoch at the size it had, and are never fewer than that allows, even if they do not fit."""
-    slowdown = max(1.0, paced_seconds / estimate(config, config.epochs, paced.start, paced.stop - 1))
+    later, larger ones), of which only `lag_share` counts, plus the planning's margin. Fewer epochs keep whole
+    progressive stages and put every trained epoch at the size it had, and are never fewer than that allows,
+    even if they do not fit."""
+    pace = paced_seconds / estimate(config, config.epochs, paced.start, paced.stop - 1)
+    slowdown = 1.0 + lag_share * max(0.0, pace - 1.0)
     rest = lambda epochs: _BUDGET_SAFETY * slowdown * estimate(config, epochs, paced.stop)
     if rest(config.epochs) <= seconds_left:
         return config.epochs
@@ -194,6 +206,26 @@ def refit_epochs(config: ml_collections.ConfigDict, seconds_left: float, paced: 
                   if epochs >= paced.stop and keeps_trained_sizes(epochs)]
     fitting = [epochs for epochs in candidates if rest(epochs) <= seconds_left]
     return max(fitting) if fitting else min(candidates, default=config.epochs)
+
+
+def fit_last_stage(config: ml_collections.ConfigDict, seconds_left: float, pace: float,
+                   estimate: Callable[..., float]) -> int:
+    """The epochs to train, at most config.epochs, when the last progressive stage is about to start (the
+    stages before it equal, config.epochs a multiple of them), `seconds_left` remain and the stage before
+    ran at `pace` times its timed estimate (`estimate`, as for `refit_epochs`): the last stage as planned
+    if it fits at that pace (never faster than timed) plus the planning's margin, else shortened to the most
+    epochs that fit, and never to none. Train fewer with config.progressive.stage_epochs set to
+    config.epochs // config.progressive.stages, which keeps the stages before it as they were."""
+    stages = config.progressive.stages
+    stage_epochs = config.epochs // stages
+    first = (stages - 1) * stage_epochs + 1
+
+    def rest(epochs: int) -> float:
+        planned = planned_for(config, epochs)
+        planned.progressive.stage_epochs = stage_epochs
+        return _BUDGET_SAFETY * max(1.0, pace) * estimate(planned, epochs, first)
+
+    return next((epochs for epochs in range(config.epochs, first, -1) if rest(epochs) <= seconds_left), first)
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
@@ -470,7 +502,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     timed_estimate = None  # Set when this run plans its epochs to a time budget.
     if config.time_budget_minutes:
         if checkpointer.all_steps() and os.path.exists(config_path):
-            config.epochs = config_lib.load_saved_config(config_path).epochs
+            saved = config_lib.load_saved_config(config_path)
+            config.epochs, config.progressive.stage_epochs = saved.epochs, saved.progressive.stage_epochs
             log.info("Time budget: resuming, so the run keeps the %d epochs it planned at its start.", config.epochs)
         else:
             probe = create_train_state(model, config.image_size,
@@ -523,17 +556,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     best_scores, best_accuracy = None, 0.0
     last_save = time.perf_counter()
 
-    # A run planned here checks the pace of real epochs against its timed estimate once, on epochs 2-4 (the
-    # first compiles its step), while the learning rate is still near its peak: cutting a plan of 160 epochs
-    # to 80 would have changed theirs by under 0.3%.
-    paced = range(2, 5) if timed_estimate is not None and start_epoch == 0 and config.epochs > 4 else None
+    # A run planned here checks the pace of real epochs against its timed estimate on epochs 2-4 (the first
+    # compiles its step), while the learning rate is still near its peak: cutting a plan of 160 epochs to 80
+    # would have changed theirs by under 0.3%. With progressive resizing it checks again before the last
+    # stage (`fit_last_stage`), so the first check counts only part of the lag it sees: the small early epochs
+    # trail their timing by more than the later, larger ones do (docs/accuracy.md, session 26).
+    planned_here = timed_estimate is not None and start_epoch == 0
+    paced = range(2, 5) if planned_here and config.epochs > 4 else None
+    checks_last_stage = (planned_here and last_stage_start(config) is not None
+                         and not config.progressive.stage_epochs and config.epochs % config.progressive.stages == 0)
+    epoch_starts = {}  # Epoch -> when it started, for the pace checks.
+
+    def replan(epochs: int) -> None:
+        nonlocal learning_rate_fn, state
+        config.epochs = epochs
+        learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+        state = state.replace(tx=create_optimizer(config, learning_rate_fn))  # Compiles anew.
+        if is_main:
+            config_lib.save_config(config, config_path)  # A resume keeps this plan.
+
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
-            if epoch > config.epochs:  # The pace check planned fewer.
+            if epoch > config.epochs:  # A pace check planned fewer.
                 break
-            epoch_start = time.perf_counter()
-            if paced and epoch == paced.start:
-                paced_start = epoch_start
+            epoch_start = epoch_starts[epoch] = time.perf_counter()
             image_size = train_image_size(config, epoch)
             if config.progressive.start_scale and (
                     epoch == start_epoch + 1 or image_size != train_image_size(config, epoch - 1)):
@@ -592,13 +638,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                 else "not validated", record["train_images_per_s"], record["epoch_time_s"],
             )
             if paced and epoch == paced.stop - 1:
-                epochs = _check_pace(config, run_start, paced, time.perf_counter() - paced_start, timed_estimate)
+                epochs = _check_pace(config, run_start, paced, time.perf_counter() - epoch_starts[paced.start],
+                                     timed_estimate, _EARLY_LAG_SHARE if checks_last_stage else 1.0)
                 if epochs != config.epochs:
-                    config.epochs = epochs
-                    learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-                    state = state.replace(tx=create_optimizer(config, learning_rate_fn))  # Compiles anew.
-                    if is_main:
-                        config_lib.save_config(config, config_path)  # A resume keeps this plan.
+                    replan(epochs)
+            if checks_last_stage and epoch == last_stage_start(config) - 1:
+                epochs = _check_last_stage(config, run_start, epoch_starts, timed_estimate)
+                if epochs != config.epochs:
+                    config.progressive.stage_epochs = config.epochs // config.progressive.stages
+                    replan(epochs)
     finally:
         checkpointer.wait_until_finished()
         checkpointer.close()
@@ -621,6 +669,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 _BUDGET_RESERVE_S = 15.0
 # The estimate is stretched by this much before it has to fit, as the loop costs a little more than its steps.
 _BUDGET_SAFETY = 1.05
+# The share of epochs 2-4's lag behind their timing that the first pace check counts when the last stage is
+# checked again. Epochs 2-4 say little of the later ones (docs/accuracy.md, session 26): on nine cats-vs-dogs
+# runs alone they lagged by 3-31% and all later epochs by 0.1-2.8 times as much (e108: 31%, then 4%; e110:
+# 5%, then 14%). So the first check cuts only for half of what it sees, and the check before the last stage,
+# on the pace of the stage before it, fits the last stage to the time that is really left.
+_EARLY_LAG_SHARE = 0.5
 
 
 def _fit_to_time_budget(
@@ -678,16 +732,36 @@ def _fit_to_time_budget(
 
 
 def _check_pace(config: ml_collections.ConfigDict, run_start: float, paced: range, paced_seconds: float,
-                timed_estimate: Callable[..., float]) -> int:
+                timed_estimate: Callable[..., float], lag_share: float) -> int:
     """The epochs to train now that the `paced` epochs took `paced_seconds` (`refit_epochs`), logged."""
     seconds_left = config.time_budget_minutes * 60 - (time.perf_counter() - run_start) - _BUDGET_RESERVE_S
     epochs = parallel.value_of_main_process(
-        refit_epochs(config, seconds_left, paced, paced_seconds, timed_estimate))
+        refit_epochs(config, seconds_left, paced, paced_seconds, timed_estimate, lag_share))
     pace = paced_seconds / timed_estimate(config, config.epochs, paced.start, paced.stop - 1)
     what = (f"the plan of {config.epochs} stands" if epochs == config.epochs
             else f"re-planned to {epochs} epochs (was {config.epochs}) to end within the budget")
-    log.info("Time budget: epochs %d-%d took %.1f s, %.2fx their timed estimate; %s.",
-             paced.start, paced.stop - 1, paced_seconds, pace, what)
+    counted = "" if lag_share == 1.0 or pace <= 1.0 else (
+        f" (counting {lag_share:.0%} of the lag: the last stage is checked again before it starts)")
+    log.info("Time budget: epochs %d-%d took %.1f s, %.2fx their timed estimate%s; %s.",
+             paced.start, paced.stop - 1, paced_seconds, pace, counted, what)
+    return epochs
+
+
+def _check_last_stage(config: ml_collections.ConfigDict, run_start: float, epoch_starts: dict[int, float],
+                      timed_estimate: Callable[..., float]) -> int:
+    """The epochs to train now that the stage before the last has ended (`fit_last_stage`, at that stage's
+    pace, checkpoints and validation included), logged."""
+    now = time.perf_counter()
+    last = last_stage_start(config)
+    first = min(epoch for epoch in range(1, last) if _progressive_stage(config, epoch) == config.progressive.stages - 2)
+    pace = (now - epoch_starts[first]) / timed_estimate(config, config.epochs, first, last - 1)
+    seconds_left = config.time_budget_minutes * 60 - (now - run_start) - _BUDGET_RESERVE_S
+    epochs = parallel.value_of_main_process(fit_last_stage(config, seconds_left, pace, timed_estimate))
+    what = (f"the plan of {config.epochs} stands" if epochs == config.epochs else
+            f"the last stage shortened to {epochs - last + 1} epoch(s) (was {config.epochs - last + 1}), "
+            f"{epochs} in all, to end within the budget")
+    log.info("Time budget: epochs %d-%d (the stage before the last) took %.1f s, %.2fx their timed estimate; %s.",
+             first, last - 1, now - epoch_starts[first], pace, what)
     return epochs
 
 

@@ -133,6 +133,28 @@ def test_progressive_resizing_stages(tiny_config):
     assert {train.train_image_size(tiny_config, e) for e in range(1, 9)} == {80}
 
 
+def test_progressive_stages_of_set_length_leave_the_rest_to_the_last(tiny_config):
+    tiny_config.update(image_size=64, epochs=35, validate_every=100)
+    tiny_config.progressive.update(start_scale=0.5, stages=4)  # 32, 40, 56 and 64 px.
+    assert train.last_stage_start(tiny_config) == 28  # Equal stages: epochs 28-35 are the last quarter.
+    tiny_config.progressive.stage_epochs = 10  # As the time budget leaves a shortened last stage.
+    assert [train.train_image_size(tiny_config, e) for e in range(1, 36)] == (
+        [32] * 10 + [40] * 10 + [56] * 10 + [64] * 5)
+    assert train.last_stage_start(tiny_config) == 31
+    assert [e for e in range(1, 36) if train.validates_after(tiny_config, e)] == list(range(31, 36))  # And the last.
+    tiny_config.progressive.start_scale = 0.0
+    assert train.last_stage_start(tiny_config) is None
+
+
+@pytest.mark.parametrize("stage_epochs", [-1, 10, 11])
+def test_stage_epochs_must_leave_the_last_stage_an_epoch(tiny_config, tmp_path, stage_epochs):
+    tiny_config.update(data_dir=str(tmp_path / "does_not_matter"), epochs=30)
+    tiny_config.cnn.global_pool = True
+    tiny_config.progressive.update(start_scale=0.5, stages=4, stage_epochs=stage_epochs)
+    with pytest.raises(UserError, match="progressive.stage_epochs must be 0 .* of the 30 epochs"):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+
+
 def test_progressive_run_trains_small_then_full_size(tiny_config, two_class_dir, tmp_path):
     tiny_config.update(data_dir=str(two_class_dir), epochs=2)
     tiny_config.cnn.global_pool = True
@@ -247,12 +269,32 @@ def test_refit_epochs_cuts_the_plan_to_the_pace_of_real_epochs(tiny_config):
     assert refit(1.0, 6.0) == 16
     tiny_config.progressive.start_scale = 0.0  # Without stages any count will do: 2.1 * (E - 4) <= 20.
     assert refit(20.0, 6.0) == 13
+    # Counting half of the lag: 1.05 * 1.5 * (E - 4) <= 20 gives 16 (all of it, above: 13).
+    assert train.refit_epochs(tiny_config, 20.0, paced, 6.0, one_second_an_epoch, lag_share=0.5) == 16
     assert tiny_config.epochs == 40  # Left for the caller to change.
 
 
-def test_a_run_slower_than_its_timing_is_re_planned_after_epoch_4(tiny_config, two_class_dir, tmp_path, caplog,
-                                                                 monkeypatch):
-    # Steps timed at a microsecond: the plan is all 12 epochs, which epochs 2-4 show cannot fit in a minute.
+def test_fit_last_stage_shortens_the_last_stage_to_the_pace_of_the_one_before(tiny_config):
+    tiny_config.update(epochs=40, image_size=64)
+    tiny_config.progressive.update(start_scale=0.5, stages=4)  # Stages of 10 epochs; the last is 31-40.
+
+    def one_second_an_epoch(config, epochs, first_epoch=1, last_epoch=None):
+        # Shorter plans are estimated with the stages before the last kept at 10 epochs each.
+        assert config.progressive.stage_epochs == 10 and first_epoch == 31
+        return float((epochs if last_epoch is None else last_epoch) - first_epoch + 1)
+
+    fit = lambda seconds_left, pace: train.fit_last_stage(tiny_config, seconds_left, pace, one_second_an_epoch)
+    assert fit(100.0, 1.0) == 40  # The plan fits: 1.05 * 10 s.
+    assert fit(15.0, 2.0) == 37  # 2.1 s an epoch: 7 fit in 15 s.
+    assert fit(5.0, 0.5) == 34  # Faster than timed counts as on time: 1.05 s an epoch.
+    assert fit(0.1, 2.0) == 31  # Nothing fits: one epoch of the last stage.
+    assert tiny_config.epochs == 40 and tiny_config.progressive.stage_epochs == 0  # Left for the caller.
+
+
+def test_a_run_slower_than_its_timing_is_re_planned_after_epoch_4_and_before_its_last_stage(
+        tiny_config, two_class_dir, tmp_path, caplog, monkeypatch):
+    # Steps timed at a microsecond: the plan is all 12 epochs, which epochs 2-4 show cannot fit in a minute,
+    # and then the last stage neither.
     monkeypatch.setattr(train, "_seconds_per_call", lambda call, state, batch, calls: (state, 1e-6))
     schedules = {}  # id of each optimizer made -> (the optimizer, its learning-rate schedule)
     make_optimizer, step = train.create_optimizer, train.train_step
@@ -278,21 +320,30 @@ def test_a_run_slower_than_its_timing_is_re_planned_after_epoch_4(tiny_config, t
     caplog.set_level("INFO")
     records = train.train_and_evaluate(tiny_config, str(workdir))
     assert "Time budget 1.0 min: 12 epoch(s)" in caplog.text
-    assert "re-planned to 8 epochs (was 12)" in caplog.text
-    # 8 is the fewest that keeps epochs 1-4 in the first (8 px) stage; the rest train at 16 px.
-    assert [r["train_image_size"] for r in records] == [8] * 4 + [16] * 4
-    assert json.loads((workdir / "config.json").read_text())["epochs"] == 8
-    # The learning rate follows the new plan's cosine to (almost) zero, not the old one's, which would
-    # still be at about 0.29 of its peak after epoch 8.
+    # 8 is the fewest that keeps epochs 1-4 in the first (8 px) stage.
+    assert "(counting 50% of the lag: the last stage is checked again before it starts); re-planned to 8 " \
+           "epochs (was 12)" in caplog.text
+    # Epochs 1-4 were the stage before the last: far slower than timed, so the last stage keeps one epoch.
+    assert "the last stage shortened to 1 epoch(s) (was 4), 5 in all" in caplog.text
+    assert [r["train_image_size"] for r in records] == [8] * 4 + [16]
+    saved = json.loads((workdir / "config.json").read_text())
+    assert (saved["epochs"], saved["progressive"]["stage_epochs"]) == (5, 4)
+    # The learning rate follows the last plan's cosine to zero, not the 12 epochs' one, which would still
+    # be at about 0.7 of its peak after epoch 5.
     assert records[-1]["learning_rate"] < 0.05 * tiny_config.learning_rate
     assert records[3]["learning_rate"] > 0.5 * tiny_config.learning_rate
-    # And so does the optimizer the steps use: epochs 1-4 (8 px) ran on the 12-epoch schedule, 5-8 (16 px)
-    # on one that reaches zero after 8 epochs.
+    # And so does the optimizer the steps use: epochs 1-4 (8 px) ran on the 12-epoch schedule, epoch 5
+    # (16 px) on one that reaches zero after 5 epochs.
     steps_per_epoch = records[0]["step"]
     assert [size for size, _ in traced] == [8, 16]
     (_, before), (_, after) = traced
-    assert float(before(8 * steps_per_epoch)) > 0.1 * tiny_config.learning_rate
-    assert float(after(8 * steps_per_epoch)) == 0.0
+    assert float(before(5 * steps_per_epoch)) > 0.6 * tiny_config.learning_rate
+    assert float(after(5 * steps_per_epoch)) == 0.0
+
+    # A resume keeps both: the 5 epochs and the stages' lengths.
+    tiny_config.time_budget_minutes = 60.0
+    assert train.train_and_evaluate(tiny_config, str(workdir)) == records
+    assert "keeps the 5 epochs it planned" in caplog.text
 
 
 def test_time_budget_sets_the_epochs_and_a_resume_keeps_them(tiny_config, two_class_dir, tmp_path, caplog):
