@@ -671,8 +671,8 @@ _BUDGET_RESERVE_S = 15.0
 _BUDGET_SAFETY = 1.05
 # The share of epochs 2-4's lag behind their timing that the first pace check counts when the last stage is
 # checked again. Epochs 2-4 say little of the later ones (docs/accuracy.md, session 26): on nine cats-vs-dogs
-# runs alone they lagged by 3-31% and all later epochs by 0.1-2.8 times as much (e108: 31%, then 4%; e110:
-# 5%, then 14%). So the first check cuts only for half of what it sees, and the check before the last stage,
+# runs alone they lagged by 5-31% and all later epochs by 0.1-2.3 times as much (e108: 31%, then 4%; e110:
+# 6%, then 14%). So the first check cuts only for half of what it sees, and the check before the last stage,
 # on the pace of the stage before it, fits the last stage to the time that is really left.
 _EARLY_LAG_SHARE = 0.5
 
