@@ -538,10 +538,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         state, meta, step = restored
         start_epoch = int(meta["epoch"])
         log.info("Resuming from the checkpoint of epoch %d (step %d) in %s.", start_epoch, step, workdir)
-        if config_changes:
+        recipe_changes = [c for c in config_changes if c.split(":", 1)[0] not in _NOT_TRAINING_FIELDS]
+        if recipe_changes:
             log.warning("The run in %s was started with another config; it goes on with this one's values, "
                         "which mixes two recipes (use a new --workdir to start afresh): %s", workdir,
-                        "; ".join(config_changes))
+                        "; ".join(recipe_changes))
+        if len(recipe_changes) < len(config_changes):
+            log.info("Changed since the run started, without changing what it trains: %s",
+                     "; ".join(c for c in config_changes if c not in recipe_changes))
     if is_main:
         metrics_log.keep_up_to(start_epoch)
     if start_epoch >= config.epochs:
@@ -664,6 +668,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
             _write_report(workdir, best_scores if best_scores and best_scores.epoch == best["epoch"] else None)
     return records
 
+
+# Config fields that do not change what a resumed run trains (its scoring, reports, saving, name; a resumed
+# run keeps the epochs its time budget planned), so changing them is no reason to warn of mixed recipes.
+_NOT_TRAINING_FIELDS = ("tta", "report", "name", "strict", "checkpoint_every_minutes", "checkpoints_to_keep",
+                        "time_budget_minutes")
 
 # Kept free of the time budget for what the estimate leaves out: the report at the end, checkpoints, logging.
 _BUDGET_RESERVE_S = 15.0
