@@ -218,12 +218,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"progressive.start_scale must be in [0, 1] (got {config.progressive.start_scale!r})")
         require_positive_int("progressive.stages", config.progressive.stages)
         stage_epochs = config.progressive.stage_epochs
-        if stage_epochs and (not isinstance(stage_epochs, int) or isinstance(stage_epochs, bool) or stage_epochs < 0
-                             or stage_epochs * (config.progressive.stages - 1) >= config.epochs):
+        if stage_epochs < 0 or stage_epochs * (config.progressive.stages - 1) >= config.epochs:
             raise UserError(
                 f"progressive.stage_epochs must be 0 (equal stages) or a whole number of epochs that leaves the "
                 f"last of the {config.progressive.stages} stages at least one of the {config.epochs} epochs "
                 f"(got {stage_epochs!r})")
+        if stage_epochs and config.time_budget_minutes:
+            raise UserError("progressive.stage_epochs is for the time budget to set (it plans the stages itself); "
+                            "set --config.progressive.stage_epochs=0 or --config.time_budget_minutes=0")
         if not pools_globally(config):
             raise UserError(f"progressive resizing needs a model that pools globally (resnet, or cnn with "
                             f"cnn.global_pool=True), not '{config.model}'; or train at one size with "

@@ -155,6 +155,14 @@ def test_stage_epochs_must_leave_the_last_stage_an_epoch(tiny_config, tmp_path, 
         train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
 
 
+def test_stage_epochs_are_left_to_the_time_budget(tiny_config, tmp_path):
+    tiny_config.update(data_dir=str(tmp_path / "does_not_matter"), epochs=30, time_budget_minutes=10.0)
+    tiny_config.cnn.global_pool = True
+    tiny_config.progressive.update(start_scale=0.5, stages=4, stage_epochs=5)
+    with pytest.raises(UserError, match="stage_epochs is for the time budget to set"):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+
+
 def test_progressive_run_trains_small_then_full_size(tiny_config, two_class_dir, tmp_path):
     tiny_config.update(data_dir=str(two_class_dir), epochs=2)
     tiny_config.cnn.global_pool = True
