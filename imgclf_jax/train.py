@@ -87,17 +87,30 @@ class TrainingDiverged(UserError):
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-    """Constant, or linear warmup then cosine decay to zero over the whole run."""
+    """Constant, or linear warmup then cosine decay to zero over the whole run.
+
+    Where the time budget re-planned the last progressive stage (`progressive.stage_epochs` set), the
+    stages before it keep the cosine of the plan they were trained under (equal stages of stage_epochs), and
+    the last stage decays from where that left off to zero at its own end: the rate stays continuous whether
+    the stage was shortened or lengthened."""
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
     total_steps = config.epochs * steps_per_epoch
     if config.lr_schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
+        stage_epochs = config.progressive.stage_epochs if _progressive_stage(config, 1) is not None else 0
+        planned_steps = config.progressive.stages * stage_epochs * steps_per_epoch if stage_epochs else total_steps
+        schedule = optax.warmup_cosine_decay_schedule(
             init_value=0.0 if warmup_steps else config.learning_rate,
             peak_value=config.learning_rate,
             warmup_steps=warmup_steps,
-            decay_steps=max(total_steps, warmup_steps + 1),
+            decay_steps=max(planned_steps, warmup_steps + 1),
             end_value=0.0,
         )
+        if not stage_epochs:
+            return schedule
+        last_stage_step = (config.progressive.stages - 1) * stage_epochs * steps_per_epoch
+        last_stage = optax.cosine_decay_schedule(float(schedule(last_stage_step)),
+                                                 max(total_steps - last_stage_step, 1))
+        return optax.join_schedules([schedule, last_stage], [last_stage_step])
     if warmup_steps:
         return optax.join_schedules(
             [optax.linear_schedule(0.0, config.learning_rate, warmup_steps),
@@ -209,13 +222,15 @@ def refit_epochs(config: ml_collections.ConfigDict, seconds_left: float, paced: 
 
 
 def fit_last_stage(config: ml_collections.ConfigDict, seconds_left: float, pace: float,
-                   estimate: Callable[..., float]) -> int:
-    """The epochs to train, at most config.epochs, when the last progressive stage is about to start (the
-    stages before it equal, config.epochs a multiple of them), `seconds_left` remain and the stage before
-    ran at `pace` times its timed estimate (`estimate`, as for `refit_epochs`): the last stage as planned
-    if it fits at that pace (never faster than timed) plus the planning's margin, else shortened to the most
-    epochs that fit, and never to none. Train fewer with config.progressive.stage_epochs set to
-    config.epochs // config.progressive.stages, which keeps the stages before it as they were."""
+                   estimate: Callable[..., float], most_epochs: Optional[int] = None) -> int:
+    """The epochs to train when the last progressive stage is about to start (the stages before it equal,
+    config.epochs a multiple of them), `seconds_left` remain and the stage before ran at `pace` times its
+    timed estimate (`estimate`, as for `refit_epochs`): the most, up to `most_epochs` (default and at least
+    config.epochs), whose last stage fits at that pace (never faster than timed) plus the planning's margin,
+    and never fewer than one epoch of it. So the last stage is shortened where time runs short and, up to
+    `most_epochs`, lengthened where an earlier check cut more than the pace since then warrants. Train
+    another number of epochs with config.progressive.stage_epochs set to config.epochs //
+    config.progressive.stages, which keeps the stages before the last as they were."""
     stages = config.progressive.stages
     stage_epochs = config.epochs // stages
     first = (stages - 1) * stage_epochs + 1
@@ -225,7 +240,8 @@ def fit_last_stage(config: ml_collections.ConfigDict, seconds_left: float, pace:
         planned.progressive.stage_epochs = stage_epochs
         return _BUDGET_SAFETY * max(1.0, pace) * estimate(planned, epochs, first)
 
-    return next((epochs for epochs in range(config.epochs, first, -1) if rest(epochs) <= seconds_left), first)
+    most = max(config.epochs, most_epochs or 0)
+    return next((epochs for epochs in range(most, first, -1) if rest(epochs) <= seconds_left), first)
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
@@ -564,9 +580,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     # compiles its step), while the learning rate is still near its peak: cutting a plan of 160 epochs to 80
     # would have changed theirs by under 0.3%. With progressive resizing it checks again before the last
     # stage (`fit_last_stage`), so the first check counts only part of the lag it sees: the small early epochs
-    # trail their timing by more than the later, larger ones do (docs/accuracy.md, session 26).
+    # trail their timing by more than the later, larger ones do (docs/accuracy.md, session 26). That second
+    # check shortens the last stage where time runs short, or lengthens it, up to the budget's plan, where the
+    # first check cut more than the pace since then warrants (session 27).
     planned_here = timed_estimate is not None and start_epoch == 0
     paced = range(2, 5) if planned_here and config.epochs > 4 else None
+    budget_epochs = config.epochs  # The budget's plan: the most that the check before the last stage restores.
     checks_last_stage = (planned_here and last_stage_start(config) is not None
                          and not config.progressive.stage_epochs and config.epochs % config.progressive.stages == 0)
     epoch_starts = {}  # Epoch -> when it started, for the pace checks.
@@ -580,9 +599,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
             config_lib.save_config(config, config_path)  # A resume keeps this plan.
 
     try:
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            if epoch > config.epochs:  # A pace check planned fewer.
-                break
+        epoch = start_epoch
+        while epoch < config.epochs:  # A pace check may plan fewer epochs, or a longer last stage.
+            epoch += 1
             epoch_start = epoch_starts[epoch] = time.perf_counter()
             image_size = train_image_size(config, epoch)
             if config.progressive.start_scale and (
@@ -647,7 +666,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                 if epochs != config.epochs:
                     replan(epochs)
             if checks_last_stage and epoch == last_stage_start(config) - 1:
-                epochs = _check_last_stage(config, run_start, epoch_starts, timed_estimate)
+                epochs = _check_last_stage(config, run_start, epoch_starts, timed_estimate, budget_epochs)
                 if epochs != config.epochs:
                     config.progressive.stage_epochs = config.epochs // config.progressive.stages
                     replan(epochs)
@@ -757,18 +776,19 @@ def _check_pace(config: ml_collections.ConfigDict, run_start: float, paced: rang
 
 
 def _check_last_stage(config: ml_collections.ConfigDict, run_start: float, epoch_starts: dict[int, float],
-                      timed_estimate: Callable[..., float]) -> int:
+                      timed_estimate: Callable[..., float], most_epochs: int) -> int:
     """The epochs to train now that the stage before the last has ended (`fit_last_stage`, at that stage's
-    pace, checkpoints and validation included), logged."""
+    pace, checkpoints and validation included, up to `most_epochs`), logged."""
     now = time.perf_counter()
     last = last_stage_start(config)
     first = min(epoch for epoch in range(1, last) if _progressive_stage(config, epoch) == config.progressive.stages - 2)
     pace = (now - epoch_starts[first]) / timed_estimate(config, config.epochs, first, last - 1)
     seconds_left = config.time_budget_minutes * 60 - (now - run_start) - _BUDGET_RESERVE_S
-    epochs = parallel.value_of_main_process(fit_last_stage(config, seconds_left, pace, timed_estimate))
+    epochs = parallel.value_of_main_process(fit_last_stage(config, seconds_left, pace, timed_estimate, most_epochs))
     what = (f"the plan of {config.epochs} stands" if epochs == config.epochs else
-            f"the last stage shortened to {epochs - last + 1} epoch(s) (was {config.epochs - last + 1}), "
-            f"{epochs} in all, to end within the budget")
+            f"the last stage {'shortened' if epochs < config.epochs else 'lengthened'} to {epochs - last + 1} "
+            f"epoch(s) (was {config.epochs - last + 1}), {epochs} in all, to "
+            f"{'end within' if epochs < config.epochs else 'use'} the budget")
     log.info("Time budget: epochs %d-%d (the stage before the last) took %.1f s, %.2fx their timed estimate; %s.",
              first, last - 1, now - epoch_starts[first], pace, what)
     return epochs

@@ -296,7 +296,33 @@ def test_fit_last_stage_shortens_the_last_stage_to_the_pace_of_the_one_before(ti
     assert fit(15.0, 2.0) == 37  # 2.1 s an epoch: 7 fit in 15 s.
     assert fit(5.0, 0.5) == 34  # Faster than timed counts as on time: 1.05 s an epoch.
     assert fit(0.1, 2.0) == 31  # Nothing fits: one epoch of the last stage.
+    # Up to `most_epochs` (the budget's plan before an earlier check cut it), a last stage that fits with
+    # time to spare is lengthened to the most epochs that fit.
+    longer = lambda seconds_left, pace: train.fit_last_stage(tiny_config, seconds_left, pace, one_second_an_epoch,
+                                                             most_epochs=60)
+    assert longer(21.0, 1.0) == 50  # 20 epochs of 1.05 s fit in 21 s.
+    assert longer(1000.0, 1.0) == 60  # Never past most_epochs.
+    assert longer(15.0, 2.0) == 37  # Short of time, it shortens as without.
+    assert train.fit_last_stage(tiny_config, 1000.0, 1.0, one_second_an_epoch, most_epochs=20) == 40
     assert tiny_config.epochs == 40 and tiny_config.progressive.stage_epochs == 0  # Left for the caller.
+
+
+@pytest.mark.parametrize("epochs", [37, 50])
+def test_a_re_planned_last_stage_keeps_the_learning_rate_continuous(tiny_config, epochs):
+    # Stages of 10 epochs planned for 40; the time budget made the last stage 7 or 20 epochs long.
+    tiny_config.update(lr_schedule="cosine", warmup_epochs=1.0, epochs=40, learning_rate=0.1)
+    tiny_config.progressive.update(start_scale=0.5, stages=4)
+    planned = train.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
+    tiny_config.update(epochs=epochs)
+    tiny_config.progressive.stage_epochs = 10
+    re_planned = train.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
+    for step in (0, 10, 150, 299, 300):  # The stages before the last: the plan they were trained under.
+        assert float(re_planned(step)) == pytest.approx(float(planned(step)), rel=1e-6)
+    # The last stage decays from there (about 0.15 of the peak) to zero at its own end, without a jump.
+    assert float(re_planned(301)) == pytest.approx(float(planned(300)), rel=1e-3)
+    halfway = 300 + (epochs - 30) * 5
+    assert float(re_planned(halfway)) == pytest.approx(float(planned(300)) / 2, rel=1e-6)
+    assert float(re_planned(epochs * 10)) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_a_run_slower_than_its_timing_is_re_planned_after_epoch_4_and_before_its_last_stage(
@@ -352,6 +378,45 @@ def test_a_run_slower_than_its_timing_is_re_planned_after_epoch_4_and_before_its
     tiny_config.time_budget_minutes = 60.0
     assert train.train_and_evaluate(tiny_config, str(workdir)) == records
     assert "keeps the 5 epochs it planned" in caplog.text
+
+
+def test_the_check_before_the_last_stage_can_give_back_what_the_first_check_cut(
+        tiny_config, two_class_dir, tmp_path, caplog, monkeypatch):
+    # As above, epochs 2-4 cut the plan of 12 to 8; then the stage before the last is found on time (a stub
+    # of fit_last_stage, which the test above and its own test cover), so the last stage grows back to 12.
+    monkeypatch.setattr(train, "_seconds_per_call", lambda call, state, batch, calls: (state, 1e-6))
+    asked = []
+
+    def on_time(config, seconds_left, pace, estimate, most_epochs=None):
+        asked.append((config.epochs, most_epochs))
+        return most_epochs
+
+    monkeypatch.setattr(train, "fit_last_stage", on_time)
+    tiny_config.update(data_dir=str(two_class_dir), epochs=12, time_budget_minutes=1.0, validate_every=100,
+                       lr_schedule="cosine", warmup_epochs=1.0)
+    tiny_config.cnn.global_pool = True
+    tiny_config.progressive.update(start_scale=0.5, stages=2)
+    workdir = tmp_path / "w"
+    caplog.set_level("INFO")
+    records = train.train_and_evaluate(tiny_config, str(workdir))
+    assert "re-planned to 8 epochs (was 12)" in caplog.text
+    assert asked == [(8, 12)]  # Up to the budget's plan.
+    assert "the last stage lengthened to 8 epoch(s) (was 4), 12 in all, to use the budget" in caplog.text
+    assert [r["train_image_size"] for r in records] == [8] * 4 + [16] * 8
+    saved = json.loads((workdir / "config.json").read_text())
+    assert (saved["epochs"], saved["progressive"]["stage_epochs"]) == (12, 4)
+    # The learning rate goes on from where the 8-epoch plan left it after epoch 4 (3/7 of the way from the
+    # warmup's end to zero: 0.61 of its peak), down to zero at the end of epoch 12 (a fresh 12-epoch cosine
+    # would jump up to 0.71 of the peak instead).
+    steps_per_epoch = records[0]["step"]
+    eight_epochs = train.create_learning_rate_fn(train.planned_for(tiny_config, 8), steps_per_epoch)
+    left_off = float(eight_epochs(4 * steps_per_epoch))
+    assert left_off == pytest.approx(0.5 * (1 + np.cos(3 * np.pi / 7)) * tiny_config.learning_rate, rel=1e-4)
+    rates = [r["learning_rate"] for r in records]  # Each epoch's last step's.
+    into_last_stage = (steps_per_epoch - 1) / (8 * steps_per_epoch)
+    assert rates[4] == pytest.approx(left_off * 0.5 * (1 + np.cos(np.pi * into_last_stage)), rel=1e-4)
+    assert all(later < earlier for earlier, later in zip(rates[4:], rates[5:]))
+    assert rates[-1] < 0.01 * tiny_config.learning_rate
 
 
 def test_time_budget_sets_the_epochs_and_a_resume_keeps_them(tiny_config, two_class_dir, tmp_path, caplog):
