@@ -228,7 +228,8 @@ def fit_last_stage(config: ml_collections.ConfigDict, seconds_left: float, pace:
     timed estimate (`estimate`, as for `refit_epochs`): the most, up to `most_epochs` (default and at least
     config.epochs), whose last stage fits at that pace (never faster than timed) plus the planning's margin,
     and never fewer than one epoch of it. So the last stage is shortened where time runs short and, up to
-    `most_epochs`, lengthened where an earlier check cut more than the pace since then warrants. Train
+    `most_epochs`, lengthened where more time is left than the plan needs (an earlier check cut more than the
+    pace since then warrants, or the timing before training was slower than the epochs). Train
     another number of epochs with config.progressive.stage_epochs set to config.epochs //
     config.progressive.stages, which keeps the stages before the last as they were."""
     stages = config.progressive.stages
@@ -516,6 +517,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoints_to_keep)
     timed_estimate = None  # Set when this run plans its epochs to a time budget.
+    most_epochs = config.epochs  # The most a time budget may plan (it may plan fewer).
     if config.time_budget_minutes:
         if checkpointer.all_steps() and os.path.exists(config_path):
             saved = config_lib.load_saved_config(config_path)
@@ -581,11 +583,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     # would have changed theirs by under 0.3%. With progressive resizing it checks again before the last
     # stage (`fit_last_stage`), so the first check counts only part of the lag it sees: the small early epochs
     # trail their timing by more than the later, larger ones do (docs/accuracy.md, session 26). That second
-    # check shortens the last stage where time runs short, or lengthens it, up to the budget's plan, where the
-    # first check cut more than the pace since then warrants (session 27).
+    # check shortens the last stage where time runs short, or lengthens it, up to the config's epochs, where
+    # the time left allows more than planned: the first check cut too much, or the timing was slow (session 27).
     planned_here = timed_estimate is not None and start_epoch == 0
     paced = range(2, 5) if planned_here and config.epochs > 4 else None
-    budget_epochs = config.epochs  # The budget's plan: the most that the check before the last stage restores.
     checks_last_stage = (planned_here and last_stage_start(config) is not None
                          and not config.progressive.stage_epochs and config.epochs % config.progressive.stages == 0)
     epoch_starts = {}  # Epoch -> when it started, for the pace checks.
@@ -666,7 +667,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                 if epochs != config.epochs:
                     replan(epochs)
             if checks_last_stage and epoch == last_stage_start(config) - 1:
-                epochs = _check_last_stage(config, run_start, epoch_starts, timed_estimate, budget_epochs)
+                epochs = _check_last_stage(config, run_start, epoch_starts, timed_estimate, most_epochs)
                 if epochs != config.epochs:
                     config.progressive.stage_epochs = config.epochs // config.progressive.stages
                     replan(epochs)

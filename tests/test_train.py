@@ -296,8 +296,8 @@ def test_fit_last_stage_shortens_the_last_stage_to_the_pace_of_the_one_before(ti
     assert fit(15.0, 2.0) == 37  # 2.1 s an epoch: 7 fit in 15 s.
     assert fit(5.0, 0.5) == 34  # Faster than timed counts as on time: 1.05 s an epoch.
     assert fit(0.1, 2.0) == 31  # Nothing fits: one epoch of the last stage.
-    # Up to `most_epochs` (the budget's plan before an earlier check cut it), a last stage that fits with
-    # time to spare is lengthened to the most epochs that fit.
+    # Up to `most_epochs` (the config's most, of which the time budget planned 40), a last stage that fits
+    # with time to spare is lengthened to the most epochs that fit.
     longer = lambda seconds_left, pace: train.fit_last_stage(tiny_config, seconds_left, pace, one_second_an_epoch,
                                                              most_epochs=60)
     assert longer(21.0, 1.0) == 50  # 20 epochs of 1.05 s fit in 21 s.
@@ -400,7 +400,7 @@ def test_the_check_before_the_last_stage_can_give_back_what_the_first_check_cut(
     caplog.set_level("INFO")
     records = train.train_and_evaluate(tiny_config, str(workdir))
     assert "re-planned to 8 epochs (was 12)" in caplog.text
-    assert asked == [(8, 12)]  # Up to the budget's plan.
+    assert asked == [(8, 12)]  # Up to the config's epochs.
     assert "the last stage lengthened to 8 epoch(s) (was 4), 12 in all, to use the budget" in caplog.text
     assert [r["train_image_size"] for r in records] == [8] * 4 + [16] * 8
     saved = json.loads((workdir / "config.json").read_text())
