@@ -325,11 +325,24 @@ def test_a_re_planned_last_stage_keeps_the_learning_rate_continuous(tiny_config,
     assert float(re_planned(epochs * 10)) == pytest.approx(0.0, abs=1e-9)
 
 
+def _train_slower_than_timed(tiny_config, two_class_dir, tmp_path, caplog, monkeypatch):
+    """Trains at most 12 epochs in two progressive stages within a minute, the train step timed at a
+    microsecond: the budget plans all 12, which epochs 2-4 show cannot fit. Returns the records and the work
+    directory."""
+    monkeypatch.setattr(train, "_seconds_per_call", lambda call, state, batch, calls: (state, 1e-6))
+    tiny_config.update(data_dir=str(two_class_dir), epochs=12, time_budget_minutes=1.0, validate_every=100,
+                       lr_schedule="cosine", warmup_epochs=1.0)
+    tiny_config.cnn.global_pool = True
+    tiny_config.progressive.update(start_scale=0.5, stages=2)
+    workdir = tmp_path / "w"
+    caplog.set_level("INFO")
+    return train.train_and_evaluate(tiny_config, str(workdir)), workdir
+
+
 def test_a_run_slower_than_its_timing_is_re_planned_after_epoch_4_and_before_its_last_stage(
         tiny_config, two_class_dir, tmp_path, caplog, monkeypatch):
     # Steps timed at a microsecond: the plan is all 12 epochs, which epochs 2-4 show cannot fit in a minute,
     # and then the last stage neither.
-    monkeypatch.setattr(train, "_seconds_per_call", lambda call, state, batch, calls: (state, 1e-6))
     schedules = {}  # id of each optimizer made -> (the optimizer, its learning-rate schedule)
     make_optimizer, step = train.create_optimizer, train.train_step
 
@@ -346,13 +359,7 @@ def test_a_run_slower_than_its_timing_is_re_planned_after_epoch_4_and_before_its
 
     monkeypatch.setattr(train, "create_optimizer", spy_optimizer)
     monkeypatch.setattr(train, "train_step", spy_step)
-    tiny_config.update(data_dir=str(two_class_dir), epochs=12, time_budget_minutes=1.0, validate_every=100,
-                       lr_schedule="cosine", warmup_epochs=1.0)
-    tiny_config.cnn.global_pool = True
-    tiny_config.progressive.update(start_scale=0.5, stages=2)
-    workdir = tmp_path / "w"
-    caplog.set_level("INFO")
-    records = train.train_and_evaluate(tiny_config, str(workdir))
+    records, workdir = _train_slower_than_timed(tiny_config, two_class_dir, tmp_path, caplog, monkeypatch)
     assert "Time budget 1.0 min: 12 epoch(s)" in caplog.text
     # 8 is the fewest that keeps epochs 1-4 in the first (8 px) stage.
     assert "(counting 50% of the lag: the last stage is checked again before it starts); re-planned to 8 " \
@@ -384,7 +391,6 @@ def test_the_check_before_the_last_stage_can_give_back_what_the_first_check_cut(
         tiny_config, two_class_dir, tmp_path, caplog, monkeypatch):
     # As above, epochs 2-4 cut the plan of 12 to 8; then the stage before the last is found on time (a stub
     # of fit_last_stage, which the test above and its own test cover), so the last stage grows back to 12.
-    monkeypatch.setattr(train, "_seconds_per_call", lambda call, state, batch, calls: (state, 1e-6))
     asked = []
 
     def on_time(config, seconds_left, pace, estimate, most_epochs=None):
@@ -392,13 +398,7 @@ def test_the_check_before_the_last_stage_can_give_back_what_the_first_check_cut(
         return most_epochs
 
     monkeypatch.setattr(train, "fit_last_stage", on_time)
-    tiny_config.update(data_dir=str(two_class_dir), epochs=12, time_budget_minutes=1.0, validate_every=100,
-                       lr_schedule="cosine", warmup_epochs=1.0)
-    tiny_config.cnn.global_pool = True
-    tiny_config.progressive.update(start_scale=0.5, stages=2)
-    workdir = tmp_path / "w"
-    caplog.set_level("INFO")
-    records = train.train_and_evaluate(tiny_config, str(workdir))
+    records, workdir = _train_slower_than_timed(tiny_config, two_class_dir, tmp_path, caplog, monkeypatch)
     assert "re-planned to 8 epochs (was 12)" in caplog.text
     assert asked == [(8, 12)]  # Up to the config's epochs.
     assert "the last stage lengthened to 8 epoch(s) (was 4), 12 in all, to use the budget" in caplog.text
