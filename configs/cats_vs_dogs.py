@@ -31,7 +31,7 @@ def get_config():
     config.weight_decay = 0.2
     config.validate_every = 11
     # evaluate and predict average four views of each photo: it and its mirror image, both also enlarged 1.1x
-    # (docs/accuracy.md, session 27: +0.003 on average over flip alone on the best checkpoints of fourteen runs
-    # of this recipe that played no part in choosing the scale, nine up, four down; +0.006 on the six that did).
+    # (docs/accuracy.md, session 27: +0.004 on average over flip alone on the best checkpoints of seventeen runs
+    # of this recipe that played no part in choosing the scale, twelve up, four down; +0.006 on the six that did).
     config.tta = "flip_scale"
     return config
