@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     # predict always use image_size. An early epoch costs about (size / image_size)^2 of a full one, so the
     # same time buys more epochs. Needs a model that pools globally (resnet, or cnn with global_pool).
     # stage_epochs > 0 gives every stage but the last that many epochs and the last the rest; the time budget
-    # sets it when it shortens the last stage (below), and a resumed run keeps it.
+    # sets it when it shortens or lengthens the last stage (below), and a resumed run keeps it.
     c.progressive = ml_collections.ConfigDict(dict(start_scale=0.0, stages=4, stage_epochs=0))
 
     # Model: `model` picks the network; its settings live in the sub-config of the same name.
@@ -107,8 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     # epochs that fit, with `epochs` the most it may train (with progressive resizing, a multiple of the
     # stages). After epoch 4 the plan is checked against the pace of epochs 2-4 and cut if the rest would
     # not fit at that pace (never lengthened); with progressive resizing the last stage is checked again
-    # before it starts, against the pace of the stage before it, and shortened if it would not fit. A resumed
-    # run keeps its plan. The plan is an estimate: a machine that slows down during the last stage makes it late.
+    # before it starts, against the pace of the stage before it, and shortened if it would not fit, or
+    # lengthened (up to `epochs`) if more time is left than it needs. A resumed run keeps its plan. The plan
+    # is an estimate: a machine that slows down during the last stage makes it late.
     c.time_budget_minutes = 0.0
     # A checkpoint is saved after an epoch once this many minutes have passed since the last one (0: after
     # every epoch), after every validated epoch that may be the best (its accuracy at least that of the

@@ -125,7 +125,7 @@ def _progressive_stage(config: ml_collections.ConfigDict, epoch: int) -> Optiona
     scale, stages = config.progressive.start_scale, config.progressive.stages
     if not scale or stages == 1:
         return None
-    if config.progressive.stage_epochs:  # Set when the time budget shortened the last stage.
+    if config.progressive.stage_epochs:  # Set when the time budget re-planned the last stage.
         return min(stages - 1, (epoch - 1) // config.progressive.stage_epochs)
     return min(stages - 1, (epoch - 1) * stages // config.epochs)
 
