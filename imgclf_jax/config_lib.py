@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.resnet = ml_collections.ConfigDict(dict(
         stage_sizes=(1, 1, 1, 1), widths=(32, 64, 128, 256), stem_strides=2, stem_pool=False, dropout=0.0,
+        avg_pool_shortcut=False,  # ResNet-D's shortcut: a 2x2 average pool before the 1x1 conv (models.ResidualBlock).
     ))
 
     # Loss: 'auto' = sigmoid (one logit) for two classes, softmax for more.

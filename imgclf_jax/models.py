@@ -108,12 +108,15 @@ class CNN(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Basic (two 3x3 convs) pre-activation-free ResNet block with a projection shortcut when needed."""
+    """Basic (two 3x3 convs) pre-activation-free ResNet block with a projection shortcut when needed. With
+    `avg_pool_shortcut`, a downsampling shortcut averages 2x2 windows before its 1x1 conv (ResNet-D, He et al.
+    2019, "Bag of Tricks") instead of a stride-2 1x1 conv that reads only a quarter of its input positions."""
 
     filters: int
     strides: int = 1
     conv_impl: str = "xla"
     dtype: Any = jnp.float32
+    avg_pool_shortcut: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -125,7 +128,11 @@ class ResidualBlock(nn.Module):
         y = conv_layer(self.filters, (3, 3), padding="SAME", use_bias=False)(y)
         y = norm(scale_init=nn.initializers.zeros)(y)  # Each block starts as the identity.
         if residual.shape != y.shape:
-            residual = conv_layer(self.filters, (1, 1), (self.strides, self.strides), use_bias=False)(residual)
+            shortcut_strides = self.strides
+            if self.avg_pool_shortcut and self.strides > 1:
+                residual = pooling.avg_pool(residual, (self.strides, self.strides))
+                shortcut_strides = 1
+            residual = conv_layer(self.filters, (1, 1), (shortcut_strides, shortcut_strides), use_bias=False)(residual)
             residual = norm()(residual)
         return nn.relu(residual + y)
 
@@ -133,7 +140,7 @@ class ResidualBlock(nn.Module):
 class ResNet(nn.Module):
     """Small ResNet: a strided 3x3 stem (optionally followed by a 2x2 max-pool, as ImageNet ResNets do, so
     the blocks cost the same at twice the input size), stages of residual blocks (stride 2 between stages),
-    global pool."""
+    global pool. `avg_pool_shortcut`: see ResidualBlock."""
 
     num_outputs: int
     stage_sizes: Sequence[int] = (1, 1, 1, 1)
@@ -143,6 +150,7 @@ class ResNet(nn.Module):
     dropout: float = 0.0
     conv_impl: str = "xla"
     dtype: Any = jnp.float32
+    avg_pool_shortcut: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -154,7 +162,7 @@ class ResNet(nn.Module):
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for block in range(blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = ResidualBlock(width, strides, self.conv_impl, self.dtype)(x, train)
+                x = ResidualBlock(width, strides, self.conv_impl, self.dtype, self.avg_pool_shortcut)(x, train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_outputs)(x)
@@ -211,7 +219,7 @@ def create_model(config: ml_collections.ConfigDict, num_outputs: int) -> nn.Modu
         if len(c.stage_sizes) != len(c.widths):
             raise UserError("resnet.stage_sizes and resnet.widths must have the same length")
         return ResNet(num_outputs, tuple(c.stage_sizes), tuple(c.widths), c.stem_strides, c.stem_pool,
-                      c.dropout, conv_impl, dtype)
+                      c.dropout, conv_impl, dtype, c.avg_pool_shortcut)
     raise UserError(f"unknown model '{name}' (choose from {', '.join(MODEL_NAMES)})")
 
 

@@ -110,6 +110,25 @@ def test_fused_cnn_blocks_keep_the_parameters_of_separate_layers():
     assert names == {"Conv_0", "Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1"}
 
 
+def test_resnet_avg_pool_shortcut_reads_every_input_position_with_the_same_parameters():
+    # The stride-2 1x1 shortcut reads only even rows and columns; ResNet-D's averages each 2x2 window first.
+    x = jax.random.normal(jax.random.key(1), (1, 8, 8, 4))
+    odd_only = jnp.zeros_like(x).at[:, 1::2, 1::2, :].set(1.0)
+    outputs, counts = {}, {}
+    for avg_pool_shortcut in (False, True):
+        block = models.ResidualBlock(8, strides=2, avg_pool_shortcut=avg_pool_shortcut)
+        variables = block.init(jax.random.key(0), x, train=False)
+        counts[avg_pool_shortcut] = models.count_params(variables["params"])
+        # The block starts as its shortcut (the residual branch's last scale is zero): changing only the
+        # positions a stride-2 conv skips moves the output only through the pooled shortcut.
+        outputs[avg_pool_shortcut] = [block.apply(variables, v, train=False) for v in (x, x + odd_only)]
+    assert counts[False] == counts[True]
+    assert jnp.array_equal(*outputs[False])
+    assert not jnp.allclose(*outputs[True])
+    config = config_lib.load_config_file("cats_vs_dogs.py")
+    assert models.create_model(config, 1).avg_pool_shortcut
+
+
 def test_resnet_stem_pool_halves_the_blocks_resolution_with_the_same_parameters():
     x = jnp.ones((1, 32, 32, 3))
     sizes, counts = {}, {}
