@@ -110,13 +110,16 @@ class CNN(nn.Module):
 class ResidualBlock(nn.Module):
     """Basic (two 3x3 convs) pre-activation-free ResNet block with a projection shortcut when needed. With
     `avg_pool_shortcut`, a downsampling shortcut averages 2x2 windows before its 1x1 conv (ResNet-D, He et al.
-    2019, "Bag of Tricks") instead of a stride-2 1x1 conv that reads only a quarter of its input positions."""
+    2019, "Bag of Tricks") instead of a stride-2 1x1 conv that reads only a quarter of its input positions.
+    `drop_path`: in training, the chance that a photo skips the block's residual branch (stochastic depth, Huang
+    et al. 2016: a regulariser for long training; the kept branches are scaled up to keep the expected sum)."""
 
     filters: int
     strides: int = 1
     conv_impl: str = "xla"
     dtype: Any = jnp.float32
     avg_pool_shortcut: bool = False
+    drop_path: float = 0.0
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -127,6 +130,8 @@ class ResidualBlock(nn.Module):
         y = nn.relu(norm()(y))
         y = conv_layer(self.filters, (3, 3), padding="SAME", use_bias=False)(y)
         y = norm(scale_init=nn.initializers.zeros)(y)  # Each block starts as the identity.
+        # One draw per photo (broadcast over height, width and channels).
+        y = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)(y)
         if residual.shape != y.shape:
             shortcut_strides = self.strides
             if self.avg_pool_shortcut and self.strides > 1:
@@ -140,7 +145,8 @@ class ResidualBlock(nn.Module):
 class ResNet(nn.Module):
     """Small ResNet: a strided 3x3 stem (optionally followed by a 2x2 max-pool, as ImageNet ResNets do, so
     the blocks cost the same at twice the input size), stages of residual blocks (stride 2 between stages),
-    global pool. `avg_pool_shortcut`: see ResidualBlock."""
+    global pool. `avg_pool_shortcut`: see ResidualBlock. `drop_path`: the last block's stochastic-depth rate,
+    rising linearly from 0 at the first block (as in Huang et al. and timm)."""
 
     num_outputs: int
     stage_sizes: Sequence[int] = (1, 1, 1, 1)
@@ -151,6 +157,7 @@ class ResNet(nn.Module):
     conv_impl: str = "xla"
     dtype: Any = jnp.float32
     avg_pool_shortcut: bool = False
+    drop_path: float = 0.0
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -159,10 +166,15 @@ class ResNet(nn.Module):
         x = nn.relu(_batch_norm(train, self.dtype)(x))
         if self.stem_pool:
             x = pooling.max_pool(x, (2, 2))
+        block_count = sum(self.stage_sizes)
+        block_index = 0
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for block in range(blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = ResidualBlock(width, strides, self.conv_impl, self.dtype, self.avg_pool_shortcut)(x, train)
+                drop_path = self.drop_path * block_index / max(block_count - 1, 1)
+                block_index += 1
+                x = ResidualBlock(width, strides, self.conv_impl, self.dtype, self.avg_pool_shortcut,
+                                  drop_path)(x, train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_outputs)(x)
@@ -219,7 +231,7 @@ def create_model(config: ml_collections.ConfigDict, num_outputs: int) -> nn.Modu
         if len(c.stage_sizes) != len(c.widths):
             raise UserError("resnet.stage_sizes and resnet.widths must have the same length")
         return ResNet(num_outputs, tuple(c.stage_sizes), tuple(c.widths), c.stem_strides, c.stem_pool,
-                      c.dropout, conv_impl, dtype, c.avg_pool_shortcut)
+                      c.dropout, conv_impl, dtype, c.avg_pool_shortcut, c.drop_path)
     raise UserError(f"unknown model '{name}' (choose from {', '.join(MODEL_NAMES)})")
 
 

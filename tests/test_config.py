@@ -75,6 +75,14 @@ def test_bad_resnet_stem_stride_is_named():
         config_lib.validate(config)
 
 
+@pytest.mark.parametrize("model, field", [("cnn", "dropout"), ("resnet", "dropout"), ("resnet", "drop_path")])
+def test_bad_dropout_rate_is_named(model, field):
+    config = config_lib.base_config()
+    config[model][field] = 1.0
+    with pytest.raises(UserError, match=rf"{model}.{field} must be in \[0, 1\) \(got 1.0\)"):
+        config_lib.validate(config)
+
+
 def test_changes_from_saved_names_changed_fields_only(tmp_path):
     config = config_lib.load_config_file("default.py")
     path = tmp_path / "config.json"

@@ -129,6 +129,29 @@ def test_resnet_avg_pool_shortcut_reads_every_input_position_with_the_same_param
     assert models.create_model(config, 1).avg_pool_shortcut
 
 
+def test_drop_path_skips_the_residual_branch_for_whole_photos_in_training_only():
+    x = jax.random.normal(jax.random.key(1), (16, 6, 6, 4))
+    block = models.ResidualBlock(4, drop_path=0.5)
+    variables = block.init(jax.random.key(0), x, train=False)
+    # Give the residual branch a non-zero output (its last batch-norm scale starts at zero).
+    variables["params"]["BatchNorm_1"]["scale"] = jnp.ones((4,))
+    _, state = block.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
+                           capture_intermediates=True, rngs={"dropout": jax.random.key(3)})
+    branch = state["intermediates"]["BatchNorm_1"]["__call__"][0]
+    dropped = state["intermediates"]["Dropout_0"]["__call__"][0]
+    # Each photo's branch is either dropped whole or kept whole, scaled by 1 / (1 - 0.5).
+    skipped = [bool(jnp.all(d == 0)) for d in dropped]
+    for d, b, s in zip(dropped, branch, skipped):
+        assert s or jnp.allclose(d, 2 * b, rtol=1e-6)
+    assert 0 < sum(skipped) < len(skipped)
+    # Evaluation keeps every branch unscaled: the same as without stochastic depth.
+    without = models.ResidualBlock(4).apply(variables, x, train=False)
+    assert jnp.allclose(block.apply(variables, x, train=False), without)
+    config = config_lib.load_config_file("default.py")
+    config.resnet.drop_path = 0.1
+    assert models.create_model(config, 1).drop_path == 0.1
+
+
 def test_resnet_stem_pool_halves_the_blocks_resolution_with_the_same_parameters():
     x = jnp.ones((1, 32, 32, 3))
     sizes, counts = {}, {}
