@@ -21,6 +21,8 @@ from imgclf_jax.errors import UserError
 MODEL_NAMES = ("tutorial_cnn", "cnn", "resnet")
 CONV_IMPLS = ("auto", "xla", "native", "matmul_grad")
 DTYPES = ("float32", "bfloat16")
+# The ResNet's nonlinearity (`resnet.activation`).
+ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu}
 
 # Every model takes `conv_impl`, resolved ('xla', 'native' or 'matmul_grad'; see `resolve_conv_impl`).
 ConvFn = Optional[Callable[..., jax.Array]]
@@ -112,7 +114,8 @@ class ResidualBlock(nn.Module):
     `avg_pool_shortcut`, a downsampling shortcut averages 2x2 windows before its 1x1 conv (ResNet-D, He et al.
     2019, "Bag of Tricks") instead of a stride-2 1x1 conv that reads only a quarter of its input positions.
     `drop_path`: in training, the chance that a photo skips the block's residual branch (stochastic depth, Huang
-    et al. 2016: a regulariser for long training; the kept branches are scaled up to keep the expected sum)."""
+    et al. 2016: a regulariser for long training; the kept branches are scaled up to keep the expected sum).
+    `activation`: a key of ACTIVATIONS."""
 
     filters: int
     strides: int = 1
@@ -120,14 +123,16 @@ class ResidualBlock(nn.Module):
     dtype: Any = jnp.float32
     avg_pool_shortcut: bool = False
     drop_path: float = 0.0
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        act = ACTIVATIONS[self.activation]
         norm = functools.partial(_batch_norm, train, self.dtype)
         conv_layer = _conv_layer(self.conv_impl, self.dtype)
         residual = x
         y = conv_layer(self.filters, (3, 3), (self.strides, self.strides), padding="SAME", use_bias=False)(x)
-        y = nn.relu(norm()(y))
+        y = act(norm()(y))
         y = conv_layer(self.filters, (3, 3), padding="SAME", use_bias=False)(y)
         y = norm(scale_init=nn.initializers.zeros)(y)  # Each block starts as the identity.
         # One draw per photo (broadcast over height, width and channels).
@@ -139,14 +144,15 @@ class ResidualBlock(nn.Module):
                 shortcut_strides = 1
             residual = conv_layer(self.filters, (1, 1), (shortcut_strides, shortcut_strides), use_bias=False)(residual)
             residual = norm()(residual)
-        return nn.relu(residual + y)
+        return act(residual + y)
 
 
 class ResNet(nn.Module):
     """Small ResNet: a strided 3x3 stem (optionally followed by a 2x2 max-pool, as ImageNet ResNets do, so
     the blocks cost the same at twice the input size), stages of residual blocks (stride 2 between stages),
     global pool. `avg_pool_shortcut`: see ResidualBlock. `drop_path`: the last block's stochastic-depth rate,
-    rising linearly from 0 at the first block (as in Huang et al. and timm)."""
+    rising linearly from 0 at the first block (as in Huang et al. and timm). `activation`: a key of ACTIVATIONS
+    (ReLU, or SiLU as in EfficientNet)."""
 
     num_outputs: int
     stage_sizes: Sequence[int] = (1, 1, 1, 1)
@@ -158,12 +164,13 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     avg_pool_shortcut: bool = False
     drop_path: float = 0.0
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = _conv_layer(self.conv_impl, self.dtype)(self.widths[0], (3, 3), (self.stem_strides, self.stem_strides),
                                                padding="SAME", use_bias=False)(x.astype(self.dtype))
-        x = nn.relu(_batch_norm(train, self.dtype)(x))
+        x = ACTIVATIONS[self.activation](_batch_norm(train, self.dtype)(x))
         if self.stem_pool:
             x = pooling.max_pool(x, (2, 2))
         block_count = sum(self.stage_sizes)
@@ -174,7 +181,7 @@ class ResNet(nn.Module):
                 drop_path = self.drop_path * block_index / max(block_count - 1, 1)
                 block_index += 1
                 x = ResidualBlock(width, strides, self.conv_impl, self.dtype, self.avg_pool_shortcut,
-                                  drop_path)(x, train)
+                                  drop_path, self.activation)(x, train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_outputs)(x)
@@ -231,7 +238,7 @@ def create_model(config: ml_collections.ConfigDict, num_outputs: int) -> nn.Modu
         if len(c.stage_sizes) != len(c.widths):
             raise UserError("resnet.stage_sizes and resnet.widths must have the same length")
         return ResNet(num_outputs, tuple(c.stage_sizes), tuple(c.widths), c.stem_strides, c.stem_pool,
-                      c.dropout, conv_impl, dtype, c.avg_pool_shortcut, c.drop_path)
+                      c.dropout, conv_impl, dtype, c.avg_pool_shortcut, c.drop_path, c.activation)
     raise UserError(f"unknown model '{name}' (choose from {', '.join(MODEL_NAMES)})")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -80,6 +81,13 @@ def test_bad_dropout_rate_is_named(model, field):
     config = config_lib.base_config()
     config[model][field] = 1.0
     with pytest.raises(UserError, match=rf"{model}.{field} must be in \[0, 1\) \(got 1.0\)"):
+        config_lib.validate(config)
+
+
+def test_unknown_resnet_activation_is_named():
+    config = config_lib.base_config()
+    config.resnet.activation = "gelu"
+    with pytest.raises(UserError, match=re.escape("resnet.activation must be 'relu' or 'silu' (got 'gelu')")):
         config_lib.validate(config)
 
 

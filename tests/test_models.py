@@ -152,6 +152,18 @@ def test_drop_path_skips_the_residual_branch_for_whole_photos_in_training_only()
     assert models.create_model(config, 1).drop_path == 0.1
 
 
+def test_resnet_silu_activation_changes_the_function_not_the_parameters():
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    relu_net = models.ResNet(2, stage_sizes=(1, 1), widths=(8, 16))
+    silu_net = models.ResNet(2, stage_sizes=(1, 1), widths=(8, 16), activation="silu")
+    variables = _init(relu_net, 16)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(_init(silu_net, 16))
+    assert not jnp.allclose(relu_net.apply(variables, x), silu_net.apply(variables, x))
+    config = config_lib.load_config_file("default.py")
+    config.resnet.activation = "silu"
+    assert models.create_model(config, 1).activation == "silu"
+
+
 def test_resnet_stem_pool_halves_the_blocks_resolution_with_the_same_parameters():
     x = jnp.ones((1, 32, 32, 3))
     sizes, counts = {}, {}
