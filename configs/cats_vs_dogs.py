@@ -37,7 +37,7 @@ def get_config():
     config.resnet.avg_pool_shortcut = True
     # SiLU (docs/accuracy.md, session 31): at 200 epochs, seeds 5, 6 and 7 scored 0.921, 0.929 and 0.911 best
     # validation accuracy against 0.914, 0.910 and 0.907 with ReLU (last-15 means +0.005, +0.024, +0.001;
-    # flip_scale +0.003, +0.018, +0.009), for 1-11% more step time (three benchmarks on a noisy host).
+    # flip_scale +0.003, +0.018, +0.009), for 2-11% more step time (three benchmarks on a noisy host).
     config.resnet.activation = "silu"
     config.validate_every = 11
     # evaluate and predict average four views of each photo: it and its mirror image, both also enlarged 1.1x
