@@ -23,6 +23,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 
 
+# The ResNet's nonlinearities by name (`resnet.activation`); models.ACTIVATIONS maps each to its function.
+RESNET_ACTIVATIONS = ("relu", "silu")
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field a config may set, with neutral defaults."""
     c = ml_collections.ConfigDict()
@@ -76,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
         stage_sizes=(1, 1, 1, 1), widths=(32, 64, 128, 256), stem_strides=2, stem_pool=False, dropout=0.0,
         avg_pool_shortcut=False,  # ResNet-D's shortcut: a 2x2 average pool before the 1x1 conv (models.ResidualBlock).
         drop_path=0.0,  # Stochastic depth: the last block's rate (models.ResNet).
-        activation="relu",  # 'relu' | 'silu' (models.ACTIVATIONS).
+        activation="relu",  # One of RESNET_ACTIVATIONS.
     ))
 
     # Loss: 'auto' = sigmoid (one logit) for two classes, softmax for more.
@@ -217,8 +221,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"weight_decay must be >= 0 (got {config.weight_decay!r})")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise UserError(f"label_smoothing must be in [0, 1) (got {config.label_smoothing!r})")
-    if config.resnet.activation not in ("relu", "silu"):
-        raise UserError(f"resnet.activation must be 'relu' or 'silu' (got {config.resnet.activation!r})")
+    if config.resnet.activation not in RESNET_ACTIVATIONS:
+        choices = " or ".join(map(repr, RESNET_ACTIVATIONS))
+        raise UserError(f"resnet.activation must be {choices} (got {config.resnet.activation!r})")
     for model, field in (("cnn", "dropout"), ("resnet", "dropout"), ("resnet", "drop_path")):
         if not 0.0 <= config[model][field] < 1.0:
             raise UserError(f"{model}.{field} must be in [0, 1) (got {config[model][field]!r})")

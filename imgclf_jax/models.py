@@ -21,7 +21,7 @@ from imgclf_jax.errors import UserError
 MODEL_NAMES = ("tutorial_cnn", "cnn", "resnet")
 CONV_IMPLS = ("auto", "xla", "native", "matmul_grad")
 DTYPES = ("float32", "bfloat16")
-# The ResNet's nonlinearity (`resnet.activation`).
+# The ResNet's nonlinearity (`resnet.activation`), for each of config_lib.RESNET_ACTIVATIONS.
 ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu}
 
 # Every model takes `conv_impl`, resolved ('xla', 'native' or 'matmul_grad'; see `resolve_conv_impl`).

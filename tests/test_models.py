@@ -162,6 +162,7 @@ def test_resnet_silu_activation_changes_the_function_not_the_parameters():
     config = config_lib.load_config_file("default.py")
     config.resnet.activation = "silu"
     assert models.create_model(config, 1).activation == "silu"
+    assert set(models.ACTIVATIONS) == set(config_lib.RESNET_ACTIVATIONS)  # Every name validate accepts builds.
 
 
 def test_resnet_stem_pool_halves_the_blocks_resolution_with_the_same_parameters():
