@@ -8,6 +8,8 @@ import logging
 import os
 import platform
 import sys
+import threading
+import traceback
 from typing import Callable, Optional, Sequence
 
 from absl import app
@@ -25,12 +27,30 @@ def setup_logging() -> None:
     """Our messages at INFO as 'HH:MM:SS message'; libraries (orbax, absl) only from WARNING up."""
     handler = absl_logging.get_absl_handler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    # orbax reports routine events (e.g. opening checkpoints read-only) as warnings through absl.
-    handler.addFilter(lambda record: record.levelno >= logging.ERROR or "orbax" not in record.pathname)
+    # orbax reports routine events (e.g. opening checkpoints read-only) as warnings, and a failed save as
+    # tracebacks from each of its threads, through absl; what matters reaches the user as our own one line.
+    handler.addFilter(lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
     absl_logging.set_verbosity(absl_logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
     for noisy in ("jax", "orbax", "tensorflow", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    sys.unraisablehook = _quiet_unraisable_hook(sys.unraisablehook)
+
+
+def _quiet_unraisable_hook(default: Callable) -> Callable:
+    """Drops what orbax's reads still in flight report once a restore has failed and closed their event loop
+    (dozens of 'Event loop is closed' tracebacks after the one warning that matters); anything else goes to
+    `default`."""
+
+    def hook(unraisable) -> None:
+        value, frames = unraisable.exc_value, traceback.extract_tb(unraisable.exc_traceback)
+        if (isinstance(value, RuntimeError) and str(value) == "Event loop is closed") or any(
+                f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames):
+            logging.getLogger(__name__).debug("dropped after a failed restore: %s", str(value)[:200])
+            return
+        default(unraisable)
+
+    return hook
 
 
 def run(prog: str, main: Callable[[Sequence[str]], None], argv_fn: Callable[[], list[str]] = lambda: sys.argv) -> None:
@@ -113,4 +133,14 @@ def _machine_id() -> str:
 
 def _fail(prog: str, message: str) -> None:
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
+    _exit(EXIT_USER_ERROR)
+
+
+def _exit(code: int) -> None:
+    """Exits with `code`; at once if a library's worker thread is still alive after the error (orbax's
+    after a failed write wait for a signal that never comes, and would keep the process from ending)."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

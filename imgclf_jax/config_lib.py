@@ -17,6 +17,7 @@ import ml_collections
 
 from imgclf_jax import image_io
 from imgclf_jax.errors import UserError
+from imgclf_jax.metrics import finite_or_null
 
 TTA_MODES = ("none", "flip", "flip_scale")  # Test-time augmentations: imgclf_jax.inference.make_predict_fn.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -274,7 +275,7 @@ def write_json(path: str, value: Any, sort_keys: bool = False) -> None:
     """Writes `value` as indented JSON atomically (a reader never sees a half-written file)."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=sort_keys)
+        json.dump(finite_or_null(value), f, indent=2, sort_keys=sort_keys, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
 

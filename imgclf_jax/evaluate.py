@@ -116,6 +116,9 @@ def evaluate(
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or default_name)
 
     probabilities, labels = predict_split(run, data, batch_size, tta)
+    if not np.all(np.isfinite(probabilities)):
+        raise UserError(f"the model's outputs are NaN or infinite on {int((~np.isfinite(probabilities)).any(-1).sum())} "
+                        f"of {len(labels)} images (checkpoint step {run.step}); use another --checkpoint")
     report = classification_report(probabilities, labels, run.class_names)
     report.update({
         "name": name, "data": description, "checkpoint": checkpoint, "step": run.step, "epoch": run.epoch,
@@ -154,6 +157,10 @@ def format_report(report: dict[str, Any]) -> str:
                   " " * width + "".join(f"{c[:9]:>10}" for c in classes)]
         for c, row in zip(classes, report["confusion_matrix"]):
             lines.append(f"{c:<{width}}" + "".join(f"{v:>10d}" for v in row))
+    absent = report.get("absent_classes", [])
+    if absent:
+        lines.append(f"\n{len(absent)} trained class(es) have no images here ({', '.join(absent)}): their support "
+                     "is 0 and the macro F1 leaves them out unless the model predicted them.")
     if report["skipped_files"]:
         lines.append(f"\n{len(report['skipped_files'])} file(s) could not be used (listed in the JSON report).")
     return "\n".join(lines)

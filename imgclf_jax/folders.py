@@ -84,19 +84,45 @@ def list_class_folders(root: Path) -> list[Path]:
     )
 
 
-def list_candidate_files(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Files under `folder` (recursively) that are images by content or by name.
+def list_candidate_files(
+    folder: Path, other_classes: Sequence[Path] = ()
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files under `folder` (recursively, following links) that are images by content or by name.
 
     Returns the candidates and the files that carry an image extension but are not images (skipped, with
-    the reason). Everything else (junk, notes, other files) is ignored silently.
+    the reason). Everything else (junk, notes, other files) is ignored silently. No folder is visited twice
+    (by real path), and a link that leads back above `folder` (a loop: `ln -s .. up`) or into one of
+    `other_classes` is not followed, with a warning: it would file other classes' photos under this one.
     """
     candidates, skipped = [], []
+    root = os.path.realpath(folder)
+    others = [os.path.realpath(p) for p in other_classes]
+    visited, seen_files = {root}, set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not image_io.is_junk_name(d))
+        kept = []
+        for name in sorted(dirnames):
+            if image_io.is_junk_name(name):
+                continue
+            path = os.path.join(dirpath, name)
+            real = os.path.realpath(path)
+            if real in visited:
+                continue
+            if _is_within(root, real) or any(_is_within(real, other) or _is_within(other, real) for other in others):
+                log.warning("Not following the link %s -> %s: it leads %s.", display_path(path), display_path(real),
+                            "back above the class folder it is in (a loop)" if _is_within(root, real)
+                            else "into another class's folder")
+                continue
+            visited.add(real)
+            kept.append(name)
+        dirnames[:] = kept
         for name in sorted(filenames):
             if image_io.is_junk_name(name):
                 continue
             path = os.path.join(dirpath, name)
+            real = os.path.realpath(path)
+            if real in seen_files:  # The same file through two links: once is enough.
+                continue
+            seen_files.add(real)
             try:
                 header = image_io.read_header(path)
             except OSError as e:
@@ -107,6 +133,18 @@ def list_candidate_files(folder: Path) -> tuple[list[str], list[tuple[str, str]]
             elif image_io.has_image_extension(name):
                 skipped.append((path, image_io.describe_non_image(header)))
     return candidates, skipped
+
+
+def _is_within(inner: str, outer: str) -> bool:
+    """Whether the real path `inner` is `outer` or inside it."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def display_path(path: str) -> str:
+    """`path` as it can be printed on one line anywhere: bytes that are not UTF-8 as \\xNN, control
+    characters (a newline in a file name) escaped."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def cache_dir() -> str:
@@ -236,7 +274,8 @@ def _examples_for(
             if require_every_class:
                 raise UserError(f"class folder '{name}' is missing from {class_root}")
             continue
-        per_class[label], non_images[label] = list_candidate_files(present[name])
+        others = [folder for other, folder in present.items() if other != name]
+        per_class[label], non_images[label] = list_candidate_files(present[name], others)
     if split_name == "train" and not any(per_class.values()):
         raise UserError(f"no images found in {class_root} (looked in {len(per_class)} class folders)")
     verdicts = check_files([p for c in per_class.values() for p in c], class_root, max_pixels)
@@ -326,6 +365,8 @@ def load_folder_dataset(
         if wants_validation:
             result["validation"] = held_out
         note = f"{validation_split:.0%} of the training images held out (stratified, seed {seed})"
+    if wants_validation:
+        _warn_about_unvalidated_classes(class_names, train, result["validation"])
     if "test" in split_folders and "test" not in splits:  # Say where it went: not in training, not lost.
         note += f"; {split_folders['test']} is kept out of training, for `python -m imgclf_jax.evaluate`"
     if "train" in splits:
@@ -335,6 +376,19 @@ def load_folder_dataset(
             split_folders["test"], class_names, "test", max_pixels, skipped, False
         )
     return FolderDataset(str(root), class_names, result, skipped, note)
+
+
+def _warn_about_unvalidated_classes(class_names: Sequence[str], train: Sequence[Example],
+                                    validation: Sequence[Example]) -> None:
+    """Warns of classes without a validation image: their accuracy is never measured, so the best epoch is
+    chosen without them (a class of one photo keeps it for training)."""
+    in_validation = {e.label for e in validation}
+    missing = [name for label, name in enumerate(class_names) if label not in in_validation]
+    if missing:
+        counts = {name: sum(e.label == label for e in train) for label, name in enumerate(class_names)}
+        log.warning("%d class(es) have no validation image, so their accuracy is not measured during training: %s. "
+                    "Add photos of them (a class needs at least 2 to hold one out).", len(missing),
+                    ", ".join(f"{name} ({counts[name]} training image(s))" for name in missing))
 
 
 def file_fingerprints(dataset: FolderDataset) -> list[fingerprints.FileFingerprint]:

@@ -59,8 +59,13 @@ def load_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
             raise UserError(f"--checkpoint must be 'best', 'latest' or a step number (got {checkpoint!r})") from None
         if checkpoint not in steps:
             raise UserError(f"no checkpoint at step {checkpoint} in {workdir} (steps: {steps})")
-    state, meta, step = checkpointer.restore(target, checkpoint)
-    checkpointer.close()
+    try:
+        state, meta, step = checkpointer.restore(target, checkpoint)
+    finally:
+        checkpointer.close()
+    if not bool(train.all_finite(train.eval_variables(state))):
+        raise UserError(f"the checkpoint at step {step} in {workdir} holds NaN or infinite weights (its training "
+                        "diverged); use another --checkpoint, or train again with a lower learning rate")
     return TrainedRun(workdir, config, class_names, loss_kind, state, step, int(meta["epoch"]))
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import types
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -91,14 +91,19 @@ def folder_split(
     labels = np.array([e.label for e in examples], dtype=np.int32)
 
     def decode(path: bytes) -> np.ndarray:
-        return image_io.load_image(path.decode(), min_size=decode_size, max_pixels=max_pixels)
+        name = os.fsdecode(path)
+        try:
+            return image_io.load_image(name, min_size=decode_size, max_pixels=max_pixels)
+        except Exception as e:  # noqa: BLE001 - named to the user by `_named_read_errors`.
+            raise RuntimeError(f"{_READ_ERROR_MARK}{folders.display_path(name)}: {e}{_READ_ERROR_MARK}") from None
 
     def load(path, label):
         image = tf.numpy_function(decode, [path], tf.uint8, stateful=False)
         image.set_shape([None, None, 3])
         return image, label
 
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+    # As bytes: a file name that is not UTF-8 (old archives, other systems' disks) is still a valid path.
+    ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(p) for p in paths], labels)).map(
         _plain_graph(load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
     return Split(len(paths), ds, paths)
@@ -186,6 +191,29 @@ def load_tfds_source(
         )
         splits[split_name] = Split(int(info.splits[spec].num_examples), ds)
     return DataSource(f"TFDS {name}", class_names, splits, [], note)
+
+
+# Brackets the file and reason of a failed decode inside TensorFlow's error text (`_named_read_errors`).
+_READ_ERROR_MARK = "<<imgclf-read-error>>"
+
+
+def _named_read_errors(batches: Iterator[Any]) -> Iterator[Any]:
+    """`batches`, with an image that can no longer be read (deleted, moved or changed on disk after the scan)
+    ending in one UserError naming the file, not a TensorFlow traceback."""
+    try:
+        yield from batches
+    except tf.errors.OpError as e:
+        text = e.message or str(e)
+        parts = text.split(_READ_ERROR_MARK)
+        if len(parts) < 3:
+            raise
+        raise UserError(f"cannot read {parts[1]} (it was readable when the folder was scanned: was it moved, "
+                        "deleted or changed while the command ran?); run the command again to scan anew") from None
+
+
+def iterate(dataset: tf.data.Dataset) -> Iterator[Any]:
+    """The dataset's elements as numpy values, with unreadable images named (`_named_read_errors`)."""
+    return _named_read_errors(dataset.as_numpy_iterator())
 
 
 def _first_line(error: BaseException) -> str:
@@ -321,7 +349,7 @@ def train_batches(
         ds = ds.map(_plain_graph(lambda index, example: example))
     ds = ds.map(_plain_graph(lambda image, label: {"image": image, "label": label}))
     ds = ds.batch(stop - start, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return _no_autotune(ds).as_numpy_iterator()
+    return iterate(_no_autotune(ds))
 
 
 def eval_batches(prepared: tf.data.Dataset, batch_size: int,
@@ -335,7 +363,7 @@ def eval_batches(prepared: tf.data.Dataset, batch_size: int,
         _plain_graph(lambda image, label: {"image": to_float(image), "label": label}),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
     ).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    for batch in _no_autotune(ds).as_numpy_iterator():
+    for batch in iterate(_no_autotune(ds)):
         n = len(batch["label"])
         mask = np.ones(batch_size, np.float32)
         if n < batch_size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -36,11 +37,28 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return records
 
 
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float (at any depth) replaced by None: JSON has no NaN, and a bare
+    `NaN` in a file makes it unreadable to strict parsers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def to_json_line(record: dict[str, Any]) -> str:
+    """One line of valid JSON (`finite_or_null`)."""
+    return json.dumps(finite_or_null(record), allow_nan=False) + "\n"
+
+
 def best_record(records: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """The epoch record with the highest validation accuracy; ties go to the latest epoch, as the best
     checkpoint kept by orbax does. Epochs that were not validated (`validate_every`) have no `val_accuracy`
     and are passed over; None if no epoch was validated."""
-    validated = [r for r in records if "val_accuracy" in r]
+    validated = [r for r in records if isinstance(r.get("val_accuracy"), (int, float))]
     return max(reversed(validated), key=lambda r: r["val_accuracy"]) if validated else None
 
 
@@ -60,7 +78,7 @@ class MetricsLog:
 
     def append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(to_json_line(record))
             f.flush()
             os.fsync(f.fileno())
         self._write_csv(read_metrics(str(self.workdir)))
@@ -87,7 +105,7 @@ class MetricsLog:
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.write_text("".join(to_json_line(r) for r in records))
         os.replace(tmp, self.path)
         self._write_csv(records)
 
@@ -108,6 +126,7 @@ def classification_report(
 ) -> dict[str, Any]:
     """Accuracy, loss, per-class precision/recall/F1/support and the confusion matrix (rows = true class,
     columns = predicted, in `class_names` order); ROC-AUC for two classes, top-5 accuracy for more than five.
+    Classes without images (`absent_classes`) are listed, and left out of the macro F1 unless predicted.
 
     Computed with numpy (scikit-learn gives the same figures, tests/test_metrics.py): importing sklearn.metrics
     took 2.7 s of every training command's report.
@@ -123,6 +142,9 @@ def classification_report(
     precision = correct / np.maximum(predicted_count, 1)  # 0 where a class is never predicted.
     recall = correct / np.maximum(support, 1)
     f1 = 2 * precision * recall / np.where(precision + recall > 0, precision + recall, 1.0)
+    # As scikit-learn's default: a class neither present nor predicted (a folder without it) has no F1 to
+    # average; one predicted but not present counts, with F1 0.
+    scored = (support > 0) | (predicted_count > 0)
     report: dict[str, Any] = {
         "accuracy": float(np.mean(predicted == labels)),
         "loss": float(np.mean(-np.log(np.clip(p_true, 1e-12, 1.0)))),
@@ -133,7 +155,8 @@ def classification_report(
                    "support": int(support[i])}
             for i, name in enumerate(class_names)
         },
-        "macro_f1": float(np.mean(f1)),
+        "macro_f1": float(np.mean(f1[scored])) if scored.any() else 0.0,
+        "absent_classes": [name for i, name in enumerate(class_names) if support[i] == 0],
         "confusion_matrix": confusion.tolist(),
     }
     if num_classes == 2 and len(set(labels.tolist())) == 2:

@@ -13,6 +13,11 @@ import matplotlib.pyplot as plt
 Destination = Union[str, IO[bytes]]
 
 
+def plain_text(text: str) -> str:
+    """`text` as matplotlib draws it literally: a '$' would start mathtext (a class called 'a$b' fails)."""
+    return str(text).replace("$", r"\$")
+
+
 def plot_training_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: Destination) -> None:
     """Draws one figure with a loss panel and an accuracy panel; several runs are overlaid by colour."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -21,7 +26,7 @@ def plot_training_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: Des
         epochs = [r["epoch"] for r in records]
         color = f"C{i}"
         for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-            prefix = "" if single else f"{name} "
+            prefix = "" if single else f"{plain_text(name)} "
             ax.plot(epochs, [r[f"train_{key}"] for r in records], "--", color=color, marker=".",
                     label=f"{prefix}train")
             validated = [r for r in records if f"val_{key}" in r]  # Not every epoch with `validate_every`.
@@ -51,11 +56,12 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     fig, ax = plt.subplots(figsize=(side + 1.0, side))
     image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    ax.set_xticks(range(n), labels=class_names, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
-    ax.set_yticks(range(n), labels=class_names)
+    labels = [plain_text(name) for name in class_names]
+    ax.set_xticks(range(n), labels=labels, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), labels=labels)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(title)
+    ax.set_title(plain_text(title))
     if n <= 30:
         for i in range(n):
             for j in range(n):

@@ -79,6 +79,9 @@ def predict_files(
 
 def format_line(path: str, probabilities: Optional[np.ndarray], error: Optional[str],
                 class_names: Sequence[str], top_k: int, as_json: bool) -> str:
+    path = folders.display_path(path)  # One line per image, whatever the file is called.
+    if probabilities is not None and not np.all(np.isfinite(probabilities)):
+        probabilities, error = None, "the model's output for this image is not finite (NaN or infinite)"
     if probabilities is None:
         return json.dumps({"path": path, "error": error}) if as_json else f"{path}\tERROR: {error}"
     order = np.argsort(-probabilities, kind="stable")[:top_k]
@@ -120,7 +123,7 @@ def main(argv) -> None:
     for path, probabilities, error in predict_files(run, files, FLAGS.batch_size, FLAGS.tta):
         print(format_line(path, probabilities, error, run.class_names, min(top_k, n_classes), FLAGS.json),
               flush=True)
-        predicted += probabilities is not None
+        predicted += probabilities is not None and bool(np.all(np.isfinite(probabilities)))
     if not predicted:
         sys.exit(1)
 

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from imgclf_jax import cli, config_lib, evaluate, inference, plotting
+from imgclf_jax import cli, config_lib, evaluate, folders, inference, plotting
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import classification_report, read_metrics
 
@@ -126,7 +126,7 @@ def _gallery(hardest: list[dict[str, Any]], class_names: Sequence[str], paths: O
         where = ""
         if paths is not None:
             path = paths[item["index"]]
-            shown = os.path.relpath(path, root) if root else path
+            shown = folders.display_path(os.path.relpath(path, root) if root else path)
             where = f'<br><span class="path">{html.escape(shown)}</span>'
         figures.append(
             f'<figure><img src="{_thumbnail_uri(item["image"])}" alt="{html.escape(true_name)}">'

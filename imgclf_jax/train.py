@@ -8,12 +8,14 @@ does the I/O: data, logging, metrics, checkpoints (with resume) and plots. Run i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -26,9 +28,10 @@ import optax
 import tqdm
 from flax.training import train_state
 
-from imgclf_jax import (augmentation, checkpointing, cli, config_lib, input_pipeline, losses, mixing, models,
-                        parallel, plotting, xla_cpu)
+from imgclf_jax import (augmentation, checkpointing, cli, config_lib, folders, input_pipeline, losses, mixing,
+                        models, parallel, plotting, xla_cpu)
 from imgclf_jax.errors import UserError
+from imgclf_jax.workdir_lock import WorkdirLock
 from imgclf_jax.metrics import MetricsLog, best_record, read_metrics
 
 log = logging.getLogger(__name__)
@@ -409,6 +412,24 @@ def _check_workdir_classes(workdir: str, class_names: list[str]) -> None:
             )
 
 
+def _make_workdir(workdir: str) -> None:
+    """Creates `workdir` if needed and checks that this process can write in it, before any training."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir} is a file, not a folder; name a folder")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check_"):
+            pass
+        checkpoints = os.path.join(workdir, "checkpoints")
+        if os.path.isdir(checkpoints):
+            with tempfile.NamedTemporaryFile(dir=checkpoints, prefix=".write_check_"):
+                pass
+    except OSError as e:
+        raise UserError(f"cannot write in the work directory {workdir}: {e.strerror or e}"
+                        f"{': ' + str(e.filename) if e.filename else ''}; fix its permissions or use another "
+                        "--workdir") from None
+
+
 def _write_skipped(workdir: str, skipped: list[tuple[str, str]]) -> None:
     path = os.path.join(workdir, SKIPPED_FILE)
     if not skipped:
@@ -416,10 +437,10 @@ def _write_skipped(workdir: str, skipped: list[tuple[str, str]]) -> None:
             os.remove(path)
         return
     with open(path, "w") as f:
-        f.writelines(f"{p}\t{reason}\n" for p, reason in skipped)
+        f.writelines(f"{folders.display_path(p)}\t{reason}\n" for p, reason in skipped)
     log.warning("Skipped %d unusable file(s) (listed in %s):", len(skipped), path)
     for p, reason in skipped[:10]:
-        log.warning("  %s: %s", p, reason)
+        log.warning("  %s: %s", folders.display_path(p), reason)
     if len(skipped) > 10:
         log.warning("  ... and %d more", len(skipped) - 10)
 
@@ -448,6 +469,13 @@ def train_epoch(
     return state, jax.device_get(step_metrics)
 
 
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every number in the pytree `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def _first_nonfinite(step_metrics: list[dict[str, Any]]) -> Optional[int]:
     for i, m in enumerate(step_metrics):
         if not math.isfinite(float(m["loss"])):
@@ -456,7 +484,16 @@ def _first_nonfinite(step_metrics: list[dict[str, Any]]) -> Optional[int]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
-    """Trains (resuming from the latest checkpoint in `workdir` if any) and returns the metrics records."""
+    """Trains (resuming from the latest checkpoint in `workdir` if any) and returns the metrics records.
+
+    Process 0 holds the work directory's lock for the whole run (another run on it is refused), and nothing
+    in it is written before the run is known to fit it: its classes and, on resume, its checkpoints."""
+    with contextlib.ExitStack() as cleanup:  # The lock, orbax's threads: released however the run ends.
+        return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        cleanup: contextlib.ExitStack) -> list[dict[str, Any]]:
     run_start = time.perf_counter()
     config_lib.validate(config)
     config = config.copy_and_resolve_references()  # A time budget sets its epochs; the caller's stays as it is.
@@ -477,12 +514,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         )
     loss_kind = losses.resolve_loss(config.loss, len(class_names))
 
-    os.makedirs(workdir, exist_ok=True)
+    _make_workdir(workdir)
+    if is_main:
+        cleanup.enter_context(WorkdirLock(workdir))
     _check_workdir_classes(workdir, class_names)
     config_path = os.path.join(workdir, CONFIG_FILE)
-    if is_main:
-        config_lib.write_json(os.path.join(workdir, CLASSES_FILE), class_names)
-        _write_skipped(workdir, source.skipped)
     log.info(
         "Data: %s; %d classes (%s); %d training and %d validation images (validation: %s).",
         source.description, len(class_names), ", ".join(class_names[:10]) + (" ..." if len(class_names) > 10 else ""),
@@ -516,10 +552,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     val_images = input_pipeline.prepare(val_split, config.image_size, config.resize, config.cache)
 
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoints_to_keep)
+    cleanup.callback(checkpointer.close)
+    # Restored before anything is written, so that a refused resume (another model) leaves the run as it was.
+    state = create_train_state(model, config.image_size,
+                               create_optimizer(config, create_learning_rate_fn(config, steps_per_epoch)),
+                               config.seed, mesh, ema=config.ema_decay > 0)
+    restored = checkpointer.restore(state)
+    if is_main:
+        config_lib.write_json(os.path.join(workdir, CLASSES_FILE), class_names)
+        _write_skipped(workdir, source.skipped)
     timed_estimate = None  # Set when this run plans its epochs to a time budget.
     most_epochs = config.epochs  # The most a time budget may plan (it may plan fewer).
     if config.time_budget_minutes:
-        if checkpointer.all_steps() and os.path.exists(config_path):
+        if restored is not None and os.path.exists(config_path):
             saved = config_lib.load_saved_config(config_path)
             config.epochs, config.progressive.stage_epochs = saved.epochs, saved.progressive.stage_epochs
             log.info("Time budget: resuming, so the run keeps the %d epochs it planned at its start.", config.epochs)
@@ -535,8 +580,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         config_lib.save_config(config, config_path)
 
     learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-    state = create_train_state(model, config.image_size, create_optimizer(config, learning_rate_fn), config.seed,
-                               mesh, ema=config.ema_decay > 0)
+    # The optimizer's state does not depend on the schedule, which the time budget may have re-planned.
+    state = state.replace(tx=create_optimizer(config, learning_rate_fn))
     log.info(
         "Model: %s, %s parameters, %s cross-entropy, %s compute; %d steps of %d images per epoch on %s.",
         config.model, f"{models.count_params(state.params):,}", loss_kind, config.dtype, steps_per_epoch,
@@ -544,16 +589,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     )
 
     metrics_log = MetricsLog(workdir) if is_main else None
-    try:
-        restored = checkpointer.restore(state)
-    except Exception as e:
-        raise UserError(
-            f"the checkpoints in {workdir} cannot be restored with this config "
-            f"({str(e).splitlines()[0][:200]}); use another --workdir"
-        ) from None
     start_epoch = 0
     if restored is not None:
-        state, meta, step = restored
+        restored_state, meta, step = restored
+        state = restored_state.replace(tx=state.tx)
         start_epoch = int(meta["epoch"])
         log.info("Resuming from the checkpoint of epoch %d (step %d) in %s.", start_epoch, step, workdir)
         recipe_changes = [c for c in config_changes if c.split(":", 1)[0] not in _NOT_TRAINING_FIELDS]
@@ -621,6 +660,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                     f"{int(state.step) - len(step_metrics) + bad + 1}; stopped without saving this epoch "
                     f"(the last good checkpoint stays the latest). Try a lower --learning_rate"
                 )
+            if not bool(all_finite(state.params)):
+                raise TrainingDiverged(
+                    f"the weights became NaN or infinite in epoch {epoch}; stopped without saving this epoch (the "
+                    "last good checkpoint stays the latest). Try a lower --learning_rate")
             record = {
                 "epoch": epoch,
                 "step": int(state.step),
@@ -633,6 +676,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                 val = evaluate_batches(eval_fn, state,
                                        input_pipeline.eval_batches(val_images, config.batch_size, rows),
                                        on_batch=scorer.add if scorer else None)
+                if not math.isfinite(val["loss"]):
+                    raise TrainingDiverged(
+                        f"the validation loss became {val['loss']} at epoch {epoch} (training loss "
+                        f"{record['train_loss']:.4g}): the model's outputs overflow; stopped without saving this "
+                        "epoch (the last good checkpoint stays the latest). Try a lower --learning_rate")
                 may_be_best = val["accuracy"] >= best_accuracy  # Ties: the later epoch.
                 if may_be_best:
                     best_accuracy = val["accuracy"]
@@ -672,8 +720,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                     config.progressive.stage_epochs = config.epochs // config.progressive.stages
                     replan(epochs)
     finally:
-        checkpointer.wait_until_finished()
-        checkpointer.close()
+        checkpointer.wait_until_finished()  # The last good checkpoint is on disk, whatever stopped the loop.
 
     if not is_main:
         return []
@@ -720,7 +767,7 @@ def _fit_to_time_budget(
     decode_seconds = {}
     for name, images, split in (("train", train_images, train_split), ("validation", val_images, val_split)):
         start = time.perf_counter()
-        for _ in images:  # A whole pass fills tf.data's cache; later epochs read from it.
+        for _ in input_pipeline.iterate(images):  # A whole pass fills tf.data's cache; later epochs read from it.
             pass
         decode_seconds[name] = time.perf_counter() - start
         cached[name] = config.cache and input_pipeline.fits_in_memory(split, config.image_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,38 @@ def test_stratified_holdout_keeps_singletons_in_train():
     train, held = folders.stratified_holdout(examples, 0.2, seed=0)
     assert [e.label for e in held] == [0, 0]
     assert folders.Example("b0", 1) in train
+
+
+def test_links_that_loop_or_lead_into_another_class_are_not_followed(tmp_path, caplog):
+    root = make_class_folder(tmp_path / "d", {"cats": 4, "dogs": 4})
+    (root / "cats" / "up").symlink_to("..")  # A loop: every dog photo would also be a cat.
+    (root / "cats" / "dogs_too").symlink_to("../dogs")
+    write_image(tmp_path / "extra" / "more.png", class_image(0))
+    (root / "cats" / "extra").symlink_to(tmp_path / "extra")  # An ordinary link to elsewhere: followed.
+    (root / "cats" / "extra_again").symlink_to(tmp_path / "extra")  # The same folder twice: once.
+    found = folders.load_folder_dataset(str(root), validation_split=0.25)
+    examples = found.splits["train"] + found.splits["validation"]
+    assert _counts(examples, 2) == [5, 4]
+    assert "it leads back above the class folder it is in (a loop)" in caplog.text
+    assert "into another class's folder" in caplog.text
+
+
+def test_file_names_that_are_not_utf8_are_read_and_printable(tmp_path):
+    from imgclf_jax import input_pipeline
+
+    root = make_class_folder(tmp_path / "d", {"a": 3, "b": 3})
+    os.rename(root / "a" / "img_0.jpg", os.fsencode(root / "a") + b"/caf\xe9\nx.jpg")
+    found = folders.load_folder_dataset(str(root), validation_split=0.34)
+    split = input_pipeline.folder_split(found.splits["train"] + found.splits["validation"], 16, 10**8)
+    labels = [int(label) for _, label in input_pipeline.iterate(split.images)]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1]
+    odd = next(p for p in split.paths if "caf" in p)
+    assert folders.display_path(odd).endswith("caf\\xe9\\nx.jpg")
+
+
+def test_a_class_without_a_validation_image_is_warned_about(tmp_path, caplog):
+    root = make_class_folder(tmp_path / "d", {"many": 6, "other": 6})
+    write_image(root / "single" / "only.png", class_image(2))
+    found = folders.load_folder_dataset(str(root))
+    assert found.class_names == ["many", "other", "single"]
+    assert "have no validation image" in caplog.text and "single (1 training image(s))" in caplog.text

@@ -179,3 +179,17 @@ def test_process_rows_of_train_and_eval_batches_make_up_the_global_batches(two_c
     for full, first, second in zip(whole, *halves):
         for key in ("image", "label", "mask"):
             np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), full[key])
+
+
+def test_a_photo_deleted_after_the_scan_is_named_in_one_error(tmp_path):
+    root = tmp_path / "d"
+    for name in ("a", "b"):
+        for i in range(3):
+            write_image(root / name / f"{i}.png", np.full((8, 8, 3), 40 * i, np.uint8))
+    source = input_pipeline.load_folder_source(str(root), 0.34, 0, 8, 10**8)
+    (root / "b" / "1.png").unlink()
+    prepared = [input_pipeline.prepare(s, 8, "squash", cache=True) for s in source.splits.values()]
+    with pytest.raises(UserError, match=r"cannot read .*b/1\.png: cannot read file \(No such file or directory\) "
+                                        r"\(it was readable when the folder was scanned"):
+        for ds in prepared:
+            list(input_pipeline.eval_batches(ds, 2))

@@ -124,3 +124,23 @@ def test_best_record_passes_over_epochs_that_were_not_validated():
     records = [{"epoch": 1}, {"epoch": 2, "val_accuracy": 0.6}, {"epoch": 3}, {"epoch": 4, "val_accuracy": 0.5}]
     assert best_record(records)["epoch"] == 2
     assert best_record([{"epoch": 1}]) is None
+
+
+def test_classes_without_images_are_named_and_left_out_of_macro_f1():
+    probabilities = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.8, 0.1, 0.1]])
+    report = classification_report(probabilities, np.array([0, 1, 0]), ["a", "b", "absent"])
+    assert report["absent_classes"] == ["absent"]
+    assert report["per_class"]["absent"]["support"] == 0
+    assert report["macro_f1"] == pytest.approx(1.0)  # a and b are perfect; absent is neither seen nor predicted.
+    predicted_absent = np.array([[0.1, 0.1, 0.8], [0.2, 0.7, 0.1], [0.8, 0.1, 0.1]])
+    report = classification_report(predicted_absent, np.array([0, 1, 0]), ["a", "b", "absent"])
+    assert report["macro_f1"] == pytest.approx(np.mean([2 / 3, 1.0, 0.0]))  # A false alarm for it counts.
+
+
+def test_plots_draw_dollar_signs_in_class_names_literally(tmp_path):
+    from imgclf_jax import plotting
+
+    names = ["$cats$", "d$o_g", "100$ bills"]
+    plotting.plot_confusion_matrix([[1, 0, 0], [0, 1, 0], [0, 0, 1]], names, str(tmp_path / "cm.png"), "a$b")
+    plotting.plot_training_curves({"$x$": [_record(1)], "y": [_record(1)]}, str(tmp_path / "curves.png"))
+    assert (tmp_path / "cm.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0

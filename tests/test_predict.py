@@ -57,3 +57,10 @@ def test_command_line_json_lines(trained_run, tmp_path):
     assert [t["label"] for t in lines[0]["top_k"]][0] == lines[0]["label"] and len(lines[0]["top_k"]) == 2
     assert lines[0]["probability"] >= 0.5
     assert lines[1] == {"path": str(tmp_path / "bad.png"), "error": "empty file"}
+
+
+def test_a_file_name_with_a_newline_stays_on_one_line():
+    line = predict.format_line("photos/a\nb.jpg", np.array([0.25, 0.75]), None, ["cat", "dog"], 1, False)
+    assert line == "photos/a\\nb.jpg\tdog\t0.7500"
+    nan = predict.format_line("x.jpg", np.array([np.nan, np.nan]), None, ["cat", "dog"], 1, False)
+    assert nan == "x.jpg\tERROR: the model's output for this image is not finite (NaN or infinite)"

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 
 from conftest import fresh_state
-from imgclf_jax import augmentation, checkpointing, input_pipeline, losses, mixing, train
+from imgclf_jax import augmentation, checkpointing, inference, input_pipeline, losses, mixing, train
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import REQUIRED_KEYS, read_metrics
 
@@ -678,3 +681,115 @@ def test_sigkill_then_the_same_command_ends_like_an_uninterrupted_run(two_class_
     for a, b in zip(jax.tree_util.tree_leaves(inference.load_run(str(tmp_path / "straight"), "latest").state.params),
                     jax.tree_util.tree_leaves(inference.load_run(str(killed_dir), "latest").state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _files_of(workdir):
+    """Every file of a work directory with its bytes (the lock file aside)."""
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*"))
+            if p.is_file() and p.name != ".imgclf.lock"}
+
+
+def test_a_refused_resume_leaves_the_work_directory_as_it_was(tiny_config, two_class_dir, tmp_path):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=1)
+    workdir = tmp_path / "w"
+    train.train_and_evaluate(tiny_config, str(workdir))
+    before = _files_of(workdir)
+    tiny_config.cnn.filters = (16, 16)
+    with pytest.raises(UserError, match="saved by another model or optimizer \\(params.Conv_0.bias has shape"):
+        train.train_and_evaluate(tiny_config, str(workdir))
+    assert _files_of(workdir) == before
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_recovers_whole(tiny_config, two_class_dir, tmp_path):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=2, checkpoint_every_minutes=0.0)
+    train.train_and_evaluate(tiny_config, str(tmp_path / "clean"))
+    workdir = tmp_path / "w"
+    train.train_and_evaluate(tiny_config, str(workdir))
+    latest = workdir / "checkpoints" / "12"
+    for f in (latest / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    records = train.train_and_evaluate(tiny_config, str(workdir))  # Retrains epoch 2 from epoch 1's checkpoint.
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [p.name.split("-")[0] for p in (workdir / "damaged_checkpoints").iterdir()] == ["12"]
+    resumed = inference.load_run(str(workdir), "latest")
+    clean = inference.load_run(str(tmp_path / "clean"), "latest")
+    assert resumed.step == 12
+    for a, b in zip(jax.tree_util.tree_leaves(resumed.state.params), jax.tree_util.tree_leaves(clean.state.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_second_run_on_a_work_directory_in_use_is_refused(tiny_config, two_class_dir, tmp_path):
+    from imgclf_jax.workdir_lock import WorkdirLock
+
+    tiny_config.update(data_dir=str(two_class_dir), epochs=1)
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom imgclf_jax.workdir_lock import WorkdirLock\n"
+         "with WorkdirLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n", str(workdir)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="is in use by another training run"):
+            train.train_and_evaluate(tiny_config, str(workdir))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (workdir / "metrics.jsonl").exists()
+    with WorkdirLock(str(workdir)):  # Released again by the refused run.
+        pass
+
+
+def test_a_non_finite_validation_loss_stops_the_run_without_saving_the_epoch(tiny_config, two_class_dir, tmp_path,
+                                                                             monkeypatch):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=3)
+    real_evaluate = train.evaluate_batches
+    calls = []
+
+    def nan_on_second(*args, **kwargs):
+        calls.append(1)
+        result = real_evaluate(*args, **kwargs)
+        return {**result, "loss": float("nan")} if len(calls) == 2 else result
+
+    monkeypatch.setattr(train, "evaluate_batches", nan_on_second)
+    with pytest.raises(train.TrainingDiverged, match="validation loss became nan at epoch 2"):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+    assert [r["epoch"] for r in read_metrics(str(tmp_path / "w"))] == [1]
+    from imgclf_jax.checkpointing import Checkpointer
+
+    assert Checkpointer(str(tmp_path / "w" / "checkpoints"), read_only=True).all_steps() == [6]
+
+
+def test_metrics_files_hold_null_not_nan(tmp_path):
+    from imgclf_jax.metrics import MetricsLog
+
+    (tmp_path / "w").mkdir()
+    MetricsLog(str(tmp_path / "w")).append({"epoch": 1, "step": 3, "train_loss": float("inf"),
+                                            "val_loss": float("nan"), "val_accuracy": 0.5})
+    line = (tmp_path / "w" / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name}")) == {
+        "epoch": 1, "step": 3, "train_loss": None, "val_loss": None, "val_accuracy": 0.5}
+
+
+@pytest.mark.parametrize("problem", ["file", "read_only_checkpoints"])
+def test_a_work_directory_that_cannot_be_written_is_refused_before_training(tiny_config, two_class_dir, tmp_path,
+                                                                           monkeypatch, problem):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=1)
+    workdir = tmp_path / "w"
+    if problem == "file":
+        workdir.write_text("not a folder")
+        with pytest.raises(UserError, match="is a file, not a folder"):
+            train.train_and_evaluate(tiny_config, str(workdir))
+        return
+    (workdir / "checkpoints").mkdir(parents=True)
+    real = tempfile.NamedTemporaryFile
+
+    def refuse_in_checkpoints(*args, dir=None, **kwargs):
+        if dir and dir.endswith("checkpoints"):
+            raise PermissionError(13, "Permission denied", dir)
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse_in_checkpoints)
+    with pytest.raises(UserError, match="cannot write in the work directory .*Permission denied"):
+        train.train_and_evaluate(tiny_config, str(workdir))
