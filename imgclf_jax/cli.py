@@ -1,4 +1,8 @@
-"""Plumbing shared by the command-line entry points: readable logging and one-line errors."""
+"""Plumbing shared by the command-line entry points: a quiet environment, readable logging, `--version`,
+`--verbose` and one-line errors; and the console scripts (`imgclf-train`, `imgclf-evaluate`, ...).
+
+Exit codes: 0 success; 1 predict could read none of its images; 2 an error in the input (data, flags, config,
+work directory) or a failed write, explained in one line; 130 interrupted (Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import platform
 import sys
 import threading
 import traceback
+import warnings
 from typing import Callable, Optional, Sequence
 
 from absl import app
@@ -19,17 +24,51 @@ from imgclf_jax import folders, xla_cpu
 from imgclf_jax.errors import EXIT_USER_ERROR, UserError
 
 EXIT_INTERRUPTED = 130
+VERBOSE_FLAG = "--verbose"
+COMMANDS = ("train", "evaluate", "predict", "doctor", "report")
+
+
+def prepare_environment(argv: Sequence[str] = ()) -> None:
+    """Called by each entry point before TensorFlow is imported: without `--verbose` in `argv`, TensorFlow's
+    C++ start-up INFO lines (oneDNN, CPU features) are not printed. A value the user set is kept."""
+    if VERBOSE_FLAG not in argv:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _command(name: str) -> Callable[[], None]:
+    def run_command() -> None:
+        prepare_environment(sys.argv)
+        importlib.import_module(f"imgclf_jax.{name}").run()
+
+    run_command.__name__ = name
+    return run_command
+
+
+# The console scripts of pyproject.toml: imgclf-train, imgclf-evaluate, imgclf-predict, imgclf-doctor, imgclf-report.
+train, evaluate, predict, doctor, report = (_command(name) for name in COMMANDS)
+
+
+def version() -> str:
+    """The installed package's version."""
+    from imgclf_jax import __version__
+
+    return __version__
 COMPILATION_CACHE_ENV = "IMGCLF_COMPILATION_CACHE"
 COMPILATION_CACHE_MAX_BYTES = 2**30  # Least recently used entries go beyond this.
 
 
-def setup_logging() -> None:
-    """Our messages at INFO as 'HH:MM:SS message'; libraries (orbax, absl) only from WARNING up."""
+def setup_logging(verbose: bool = False) -> None:
+    """Our messages at INFO as 'HH:MM:SS message'; libraries (orbax, absl) only from WARNING up, and their
+    Python warnings, which a user cannot act on, only with `verbose`."""
+    if not verbose:
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module="imgclf_jax")
     handler = absl_logging.get_absl_handler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     # orbax reports routine events (e.g. opening checkpoints read-only) as warnings, and a failed save as
     # tracebacks from each of its threads, through absl; what matters reaches the user as our own one line.
-    handler.addFilter(lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
+    if not verbose:
+        handler.addFilter(lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
     absl_logging.set_verbosity(absl_logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
     for noisy in ("jax", "orbax", "tensorflow", "etils"):
@@ -61,9 +100,15 @@ def run(prog: str, main: Callable[[Sequence[str]], None], argv_fn: Callable[[], 
     """
     xla_cpu.keep_freed_memory()
     use_compilation_cache()
+    if "--version" in sys.argv[1:]:
+        print(f"{prog} (imgclf_jax) {version()}")
+        sys.exit(0)
+    verbose = VERBOSE_FLAG in sys.argv[1:]
+    if verbose:
+        sys.argv.remove(VERBOSE_FLAG)
 
     def guarded_main(argv: Sequence[str]) -> None:
-        setup_logging()
+        setup_logging(verbose)
         try:
             main(argv)
         except UserError as e:

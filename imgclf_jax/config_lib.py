@@ -1,7 +1,9 @@
-"""Config helpers shared by the configs/ files and the command-line entry points.
+"""Config helpers shared by the recipes and the command-line entry points.
 
-Config files in configs/ each define `get_config()`; they start from `base_config()` here so every config has
-the same fields (an override of a field that does not exist is an error, not a silent no-op).
+A recipe is a file that defines `get_config()`, starting from `base_config()` here so every config has the same
+fields (an override of a field that does not exist is an error, not a silent no-op). The shipped recipes live
+in imgclf_jax/configs/ and are chosen by name (`--config cats_vs_dogs`); a user's own by path
+(`--config my_recipe.py`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import finite_or_null
 
 TTA_MODES = ("none", "flip", "flip_scale")  # Test-time augmentations: imgclf_jax.inference.make_predict_fn.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIGS_DIR = REPO_ROOT / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 
 # The ResNet's nonlinearities by name (`resnet.activation`); models.ACTIVATIONS maps each to its function.
@@ -151,17 +152,28 @@ def check_tta(config: ml_collections.ConfigDict, tta: str, name: str) -> None:
                         f"cnn.global_pool=True), not '{config.model}'; use flip")
 
 
-def find_config_file(path: str) -> str:
-    """`path` as given, or else the file of that name in the repository's configs/ folder."""
-    candidates = [Path(path), CONFIGS_DIR / path, CONFIGS_DIR / f"{path}.py"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return str(candidate)
-    raise UserError(f"config file {path} does not exist")
+def recipe_names() -> list[str]:
+    """The shipped recipes' names (`--config NAME`)."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.name.startswith("_"))
+
+
+def find_config_file(name_or_path: str) -> str:
+    """The recipe file for `--config`: a shipped recipe by name ('cats_vs_dogs'), or a file by path (anything
+    with a '/' or ending in '.py'). A name is only ever looked up among the shipped recipes, so a stray file
+    of that name in the current folder never runs in its place."""
+    if os.sep in name_or_path or "/" in name_or_path or name_or_path.endswith(".py"):
+        if Path(name_or_path).is_file():
+            return str(Path(name_or_path))
+        raise UserError(f"config file {name_or_path} does not exist (the shipped recipes, by name: "
+                        f"{', '.join(recipe_names())})")
+    if name_or_path in recipe_names():
+        return str(CONFIGS_DIR / f"{name_or_path}.py")
+    raise UserError(f"no recipe named '{name_or_path}': choose one of {', '.join(recipe_names())}, or give "
+                    "the path of your own recipe file (e.g. ./my_recipe.py)")
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Runs a config file's `get_config()`; lets one config start from another (e.g. 'default')."""
+    """Runs a recipe's `get_config()` (`find_config_file`); lets one start from another (e.g. 'default')."""
     resolved = find_config_file(path)
     spec = importlib.util.spec_from_file_location(f"imgclf_config_{Path(resolved).stem}", resolved)
     module = importlib.util.module_from_spec(spec)
@@ -170,7 +182,8 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 
 def default_config_argv(argv: Sequence[str]) -> list[str]:
-    """Adds `--config` when none is given: the demo config with no data flags, else configs/default.py."""
+    """Resolves `--config` to a file; when none is given, adds the 'demo' recipe with no data flags, else
+    'default'."""
     argv = list(argv)
     names = [a.split("=", 1)[0] for a in argv[1:]]
     if "--config" in names:

@@ -3,7 +3,7 @@
 Two implementations share one `jax.custom_vjp`:
 - 'native': forward pass, input gradient (stride 1) and weight gradient in the AVX2/FMA kernels of
   `cpu_conv` (compiled on first use), which run this project's small-channel convolutions and weight
-  gradients 1.5-4x faster than XLA:CPU's own (docs/performance.md, session 9).
+  gradients 1.5-4x faster than XLA:CPU's own (docs/performance.md).
 - 'matmul_grad': for an XLA that runs convolutions in YNNPACK, whose weight gradients are 7-15x slower than
   the forward pass. The forward pass and the input gradient stay XLA convolutions, and the weight gradient
   is computed image by image as patches^T @ output_gradient (so each image's patch matrix stays in cache),

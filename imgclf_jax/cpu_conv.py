@@ -99,12 +99,12 @@ def available() -> bool:
 
 # Below this many output pixels per image the kernels lost to XLA's convolutions inside a whole training step
 # (default ResNet at 80 px, batch 32, 2-core EPYC: step 234 ms using them only for outputs of >= 1,000 pixels,
-# 241-246 ms with XLA's everywhere, 300-345 ms with them everywhere; docs/performance.md, session 9).
+# 241-246 ms with XLA's everywhere, 300-345 ms with them everywhere; docs/performance.md).
 MIN_OUTPUT_PIXELS = 1024
 # Convolutions the kernels compute by Winograd's algorithm (3x3, stride 1, >= 8 input channels; cpu_conv.cc's
 # UseWinograd) win down to smaller outputs: the same ResNet step ran 5-13% faster at 48-80 px with 256 here
-# than with 1,024, and slower again with 0 (docs/performance.md, session 11); in the full training loop, with
-# tf.data and augmentation competing for the cores, no slower (session 12).
+# than with 1,024, and slower again with 0 (docs/performance.md); in the full training loop, with
+# tf.data and augmentation competing for the cores, no slower.
 MIN_WINOGRAD_OUTPUT_PIXELS = 256
 WINOGRAD_MIN_CHANNELS = 8
 

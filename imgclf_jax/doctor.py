@@ -11,6 +11,13 @@ pairs and writes everything to a JSON file.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Before TensorFlow loads, so that its C++ start-up lines stay quiet.
+    import sys
+
+    from imgclf_jax import cli
+
+    cli.prepare_environment(sys.argv)
+
 import collections
 import concurrent.futures
 import os

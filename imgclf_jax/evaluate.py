@@ -9,6 +9,13 @@ for two classes, top-5 accuracy for more than five) and W/confusion_matrix_<name
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Before TensorFlow loads, so that its C++ start-up lines stay quiet.
+    import sys
+
+    from imgclf_jax import cli
+
+    cli.prepare_environment(sys.argv)
+
 import os
 import re
 from pathlib import Path

@@ -20,6 +20,10 @@ from PIL import Image
 HASH_SIZE = 8  # 8x8 frequencies = 64 bits.
 _THUMB_SIZE = 32
 DEFAULT_NEAR_THRESHOLD = 6  # Bits; see docs/doctor.md for the distances measured on real photos.
+# Pictures with a shorter side below this are not perceptually hashed: the hash's 32x32 thumbnail of an 8x8
+# digit is mostly interpolation, and distinct digits then fall within the threshold (hundreds of false
+# "near copies" among 1,797 handwritten digits). Their exact copies are still found by digest.
+MIN_HASH_SIDE = 32
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -38,7 +42,10 @@ def content_digest(data: bytes) -> str:
 
 
 def perceptual_hash(rgb: np.ndarray) -> str:
-    """64-bit pHash of an (H, W, 3) uint8 image, as 16 hex digits."""
+    """64-bit pHash of an (H, W, 3) uint8 image, as 16 hex digits; '' for an image too small to compare
+    (`MIN_HASH_SIDE`)."""
+    if min(rgb.shape[:2]) < MIN_HASH_SIDE:
+        return ""
     thumb = Image.fromarray(rgb).convert("L").resize((_THUMB_SIZE, _THUMB_SIZE), Image.Resampling.BOX)
     pixels = np.asarray(thumb, np.float64)
     low = (_DCT @ pixels @ _DCT.T)[:HASH_SIZE, :HASH_SIZE].ravel()
@@ -102,18 +109,19 @@ def find_duplicates(files: Sequence[FileFingerprint], threshold: int = DEFAULT_N
                     ) -> list[DuplicatePair]:
     """Exact duplicates (same digest; each copy paired with the group's first file), then near-duplicates
     (pHash within `threshold` bits) that are not exact copies, each pair once. A negative threshold skips
-    the near-duplicate search; files without fingerprints are left out."""
+    the near-duplicate search. Files without a digest (not from a folder scan) are left out, and files without
+    a pHash (too small) from the near-duplicate search."""
     pairs: list[DuplicatePair] = []
     first_of_digest: dict[str, FileFingerprint] = {}
     for f in files:
-        if not (f.digest and f.phash):  # Not fingerprinted (not from a folder scan).
+        if not f.digest:  # Not fingerprinted (not from a folder scan).
             continue
         if f.digest in first_of_digest:
             pairs.append(DuplicatePair(first_of_digest[f.digest], f, None))
         else:
             first_of_digest[f.digest] = f
     if threshold >= 0:
-        unique = list(first_of_digest.values())  # An exact copy is already reported once.
+        unique = [f for f in first_of_digest.values() if f.phash]  # An exact copy is already reported once.
         for i, j, distance in near_pairs(hash_array([f.phash for f in unique]), threshold):
             pairs.append(DuplicatePair(unique[i], unique[j], distance))
     return pairs

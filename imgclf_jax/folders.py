@@ -34,7 +34,7 @@ SPLIT_FOLDER_NAMES = {
     "validation": ("validation", "val", "valid"),
     "test": ("test", "testing"),
 }
-_SCAN_CACHE_VERSION = 3  # 3: HEIF and AVIF are images.
+_SCAN_CACHE_VERSION = 4  # 3: HEIF and AVIF are images; 4: no pHash for tiny images.
 
 
 @dataclasses.dataclass(frozen=True)

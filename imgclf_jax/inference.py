@@ -70,9 +70,9 @@ def load_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
 
 
 # flip_scale's second scale: the photo enlarged 1.1x (176 px for a 160 px run). Chosen on cats-vs-dogs
-# validation among 1.1x, 1.2x and both (docs/accuracy.md, session 25). On seventeen cats-vs-dogs runs that
-# played no part in the choice it beat flip by 0.004 on average (session 27), so configs/cats_vs_dogs.py uses
-# it; it lost to the photo alone on small folders, so configs/default.py does not.
+# validation among 1.1x, 1.2x and both (docs/accuracy.md). On seventeen cats-vs-dogs runs that
+# played no part in the choice it beat flip by 0.004 on average, so the cats_vs_dogs recipe uses
+# it; it lost to the photo alone on small folders, so the default recipe does not.
 TTA_SCALE = 1.1
 
 

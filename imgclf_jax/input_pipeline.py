@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import types
 from typing import Any, Iterator, Optional, Sequence
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import ml_collections
 import numpy as np
@@ -52,6 +51,9 @@ log = logging.getLogger(__name__)
 tf.config.set_visible_devices([], "GPU")
 
 RESIZE_METHODS = ("squash", "crop", "pad")
+# Where TFDS downloads prepared datasets from, looked at before a first download (`load_tfds_source`).
+TFDS_DOWNLOAD_HOST = ("storage.googleapis.com", 443)
+TFDS_PROBE_SECONDS = 5.0
 _MAX_SHUFFLE_BUFFER = 16_384
 
 # tf.data traces every function it maps through AutoGraph, which re-parses the function's Python source to
@@ -150,14 +152,19 @@ def load_tfds_source(
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # TFDS raises several types for unknown names.
         raise UserError(f"unknown TFDS dataset '{name}' ({_first_line(e)})") from None
+    offline = lambda why: UserError(
+        f"could not download or prepare TFDS dataset '{name}': {why}. TFDS needs internet access the first "
+        "time it prepares a dataset; offline, train on a local image folder with --data_dir DIR")
+    if not builder.is_prepared():
+        # Offline, TFDS's own retries take minutes to give up; a look at its download host takes seconds.
+        try:
+            socket.create_connection(TFDS_DOWNLOAD_HOST, timeout=TFDS_PROBE_SECONDS).close()
+        except OSError as e:
+            raise offline(f"{TFDS_DOWNLOAD_HOST[0]} cannot be reached ({e.strerror or e})") from None
     try:
         builder.download_and_prepare()
     except Exception as e:
-        raise UserError(
-            f"could not download or prepare TFDS dataset '{name}': {_first_line(e)}. TFDS needs internet "
-            "access the first time it prepares a dataset; offline, train on a local image folder with "
-            "--data_dir DIR"
-        ) from None
+        raise offline(_first_line(e)) from None
     info = builder.info
     if not info.supervised_keys:
         raise UserError(f"TFDS dataset '{name}' has no (image, label) supervised keys")

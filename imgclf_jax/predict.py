@@ -9,6 +9,13 @@ are still predicted. Exit status 0 if at least one image was predicted, 1 if non
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Before TensorFlow loads, so that its C++ start-up lines stay quiet.
+    import sys
+
+    from imgclf_jax import cli
+
+    cli.prepare_environment(sys.argv)
+
 import concurrent.futures
 import json
 import os

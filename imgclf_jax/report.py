@@ -11,6 +11,13 @@ the file can be mailed or archived on its own.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Before TensorFlow loads, so that its C++ start-up lines stay quiet.
+    import sys
+
+    from imgclf_jax import cli
+
+    cli.prepare_environment(sys.argv)
+
 import base64
 import dataclasses
 import datetime

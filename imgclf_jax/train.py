@@ -3,10 +3,17 @@
 `train_step` and `eval_step` are pure functions of (state, batch); `train_and_evaluate(config, workdir)`
 does the I/O: data, logging, metrics, checkpoints (with resume) and plots. Run it with
 
-    python -m imgclf_jax.train [--config configs/X.py] [--data_dir DIR | --dataset tfds:NAME] [...]
+    python -m imgclf_jax.train [--config RECIPE] [--data_dir DIR | --dataset tfds:NAME] [...]
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # Before TensorFlow loads, so that its C++ start-up lines stay quiet.
+    import sys
+
+    from imgclf_jax import cli
+
+    cli.prepare_environment(sys.argv)
 
 import contextlib
 import functools
@@ -621,9 +628,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # compiles its step), while the learning rate is still near its peak: cutting a plan of 160 epochs to 80
     # would have changed theirs by under 0.3%. With progressive resizing it checks again before the last
     # stage (`fit_last_stage`), so the first check counts only part of the lag it sees: the small early epochs
-    # trail their timing by more than the later, larger ones do (docs/accuracy.md, session 26). That second
+    # trail their timing by more than the later, larger ones do (docs/accuracy.md). That second
     # check shortens the last stage where time runs short, or lengthens it, up to the config's epochs, where
-    # the time left allows more than planned: the first check cut too much, or the timing was slow (session 27).
+    # the time left allows more than planned: the first check cut too much, or the timing was slow.
     planned_here = timed_estimate is not None and start_epoch == 0
     paced = range(2, 5) if planned_here and config.epochs > 4 else None
     checks_last_stage = (planned_here and last_stage_start(config) is not None
@@ -746,7 +753,7 @@ _BUDGET_RESERVE_S = 15.0
 # The estimate is stretched by this much before it has to fit, as the loop costs a little more than its steps.
 _BUDGET_SAFETY = 1.05
 # The share of epochs 2-4's lag behind their timing that the first pace check counts when the last stage is
-# checked again. Epochs 2-4 say little of the later ones (docs/accuracy.md, session 26): on nine cats-vs-dogs
+# checked again. Epochs 2-4 say little of the later ones (docs/accuracy.md): on nine cats-vs-dogs
 # runs alone they lagged by 5-31% and all later epochs by 0.1-2.3 times as much (e108: 31%, then 4%; e110:
 # 6%, then 14%). So the first check cuts only for half of what it sees, and the check before the last stage,
 # on the pace of the stage before it, fits the last stage to the time that is really left.
@@ -776,7 +783,7 @@ def _fit_to_time_budget(
     sizes = sorted({train_image_size(config, epoch) for epoch in range(1, config.epochs + 1)})
     step_seconds = {}
     # The fastest of three rounds over the sizes: the first, right after decoding and compiling, timed steps up
-    # to 1.6x as long as training then took (session 20), and a noisy spell should not hit one size alone.
+    # to 1.6x as long as training then took, and a noisy spell should not hit one size alone.
     for _ in range(3):
         for size in sizes:
             probe, seconds = _seconds_per_call(
@@ -878,8 +885,9 @@ def _define_flags() -> None:
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file(
-        "config", None, "Config file (configs/*.py). Default: configs/demo.py with no data flags, "
-        "configs/default.py with --data_dir/--dataset. Override any field with --config.FIELD=VALUE.",
+        "config", None, "A shipped recipe by name (default, demo, cats_vs_dogs, tutorial_cnn) or your own "
+        "recipe file by path. Default: demo with no data flags, default with --data_dir/--dataset. Override "
+        "any field with --config.FIELD=VALUE; `imgclf-train --config NAME --show_config` lists them.",
         lock_config=True)
     flags.DEFINE_string("workdir", None, "Work directory (default checkpoints/<config name>).")
     flags.DEFINE_string("data_dir", None, "Image folder: DIR/<class>/... or DIR/train/<class>/... "

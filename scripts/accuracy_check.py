@@ -1,7 +1,7 @@
 """Slow accuracy check (not part of the tests): train a config on a dataset, time it, score the best
 checkpoint, and compare with what the config promises.
 
-    python scripts/accuracy_check.py --config configs/cats_vs_dogs.py \
+    python scripts/accuracy_check.py --config cats_vs_dogs \
         --data_dir ../shared/datasets/cats_vs_dogs --expect 0.90 --max_minutes 20
 
 Prints one Markdown table row (for docs/accuracy.md) and exits 1 if the accuracy or the time misses.

@@ -1,6 +1,6 @@
 """Training-step throughput: imgclf_jax versus the identical Keras model, on the same batches.
 
-    python scripts/benchmark.py [--config configs/tutorial_cnn.py] [--data_dir ../shared/datasets/cats_vs_dogs]
+    python scripts/benchmark.py [--config tutorial_cnn] [--data_dir ../shared/datasets/cats_vs_dogs]
         [--rounds 3] [--steps 10] [--no_keras] [--conv_impls auto,xla]
     python scripts/benchmark.py --pipeline [--data_dir DIR]   # the input pipeline alone
 

@@ -1,7 +1,7 @@
 """The Keras image-classification tutorial's training command, as our yardstick for the whole-command time.
 
     /usr/bin/time -v python scripts/keras_tutorial.py --data_dir ../shared/datasets/cats_vs_dogs --epochs 2
-    /usr/bin/time -v python -m imgclf_jax.train --config configs/tutorial_cnn.py \\
+    /usr/bin/time -v python -m imgclf_jax.train --config tutorial_cnn \\
         --data_dir ../shared/datasets/cats_vs_dogs --epochs 2
 
 Same folder (train/ + validation/), 180x180 squashed, batch 32, Adam 1e-3, the tutorial's CNN with the

@@ -10,7 +10,7 @@ import pytest
 from imgclf_jax import config_lib
 from imgclf_jax.errors import UserError
 
-CONFIG_FILES = sorted(config_lib.CONFIGS_DIR.glob("*.py"))
+CONFIG_FILES = [config_lib.CONFIGS_DIR / f"{name}.py" for name in config_lib.recipe_names()]
 
 
 def _load(path):
@@ -92,7 +92,7 @@ def test_unknown_resnet_activation_is_named():
 
 
 def test_changes_from_saved_names_changed_fields_only(tmp_path):
-    config = config_lib.load_config_file("default.py")
+    config = config_lib.load_config_file("default")
     path = tmp_path / "config.json"
     config_lib.save_config(config, str(path))
     assert config_lib.changes_from_saved(str(path), config) == []
@@ -100,7 +100,7 @@ def test_changes_from_saved_names_changed_fields_only(tmp_path):
     saved = json.loads(path.read_text())
     del saved["ema_decay"]  # As written by a version without the field: read as its default (0.0).
     path.write_text(json.dumps(saved))
-    changed = config_lib.load_config_file("default.py")
+    changed = config_lib.load_config_file("default")
     changed.epochs = 7
     assert config_lib.changes_from_saved(str(path), changed) == [
         f"ema_decay: 0.0 -> {config.ema_decay}", f"epochs: {config.epochs} -> 7"]

@@ -38,3 +38,19 @@ def test_find_duplicates_pairs_exact_copies_once_and_skips_unfingerprinted_files
     assert [(p.first.path, p.second.path, p.kind, p.distance, p.cross_split) for p in pairs] == [
         ("a", "b", "exact", None, True), ("a", "c", "near", 2, False)]
     assert [p.kind for p in fingerprints.find_duplicates(files, threshold=-1)] == ["exact"]
+
+
+def test_tiny_images_are_not_near_copies_but_exact_copies_still_are():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().images[:300]
+    tiny = [np.repeat((d * 255 / 16).astype(np.uint8)[..., None], 3, axis=-1) for d in digits]
+    assert {fingerprints.perceptual_hash(image) for image in tiny} == {""}
+    files = [fingerprints.FileFingerprint(f"{i}.png", "train" if i % 2 else "validation", "a",
+                                          f"digest{i}", "") for i in range(300)]
+    files.append(fingerprints.FileFingerprint("copy.png", "validation", "a", "digest1", ""))
+    pairs = fingerprints.find_duplicates(files)
+    assert [(p.first.path, p.second.path, p.kind) for p in pairs] == [("1.png", "copy.png", "exact")]
+    photo = smooth_random_image(3)  # A resized, re-encoded photo across splits is still a near copy.
+    assert fingerprints.hamming_distance(fingerprints.perceptual_hash(photo),
+                                         fingerprints.perceptual_hash(near_copy(photo))) <= 6

@@ -193,3 +193,20 @@ def test_a_photo_deleted_after_the_scan_is_named_in_one_error(tmp_path):
                                         r"\(it was readable when the folder was scanned"):
         for ds in prepared:
             list(input_pipeline.eval_batches(ds, 2))
+
+
+def test_tfds_without_network_fails_in_seconds_before_tfds_retries(tmp_path, monkeypatch):
+    import socket
+
+    def unreachable(address, timeout=None):
+        assert timeout is not None and timeout <= 10
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def must_not_run(*args, **kwargs):
+        pytest.fail("download_and_prepare ran although the download host was unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", must_not_run)
+    with pytest.raises(UserError, match="storage.googleapis.com cannot be reached \\(Name or service not known\\)"
+                                        ".*--data_dir DIR"):
+        input_pipeline.load_tfds_source("tf_flowers", 0.2, data_dir=str(tmp_path))

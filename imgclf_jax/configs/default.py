@@ -7,9 +7,9 @@ predictions averaged with the mirror image's (flip test-time augmentation).
 Chosen by measured runs on a 2-core CPU (docs/accuracy.md): at a fixed time budget, more epochs at a
 moderate resolution beat fewer at a higher one, a narrow network beat a wider one, cheap low-resolution
 epochs first bought the most of all, and dropout, label smoothing and MixUp/CutMix cost more accuracy than
-they bought within 50-70 epochs. The 160 px photos behind the pooled stem (48 epochs) replaced 80 px
-photos without the pool (60 epochs) in session 16: in the same time, test accuracy +0.021 on average over
-six small train/test folders (-0.010 to +0.047), a tie on flowers5, and +0.014 over seeds on cats vs dogs.
+they bought within 50-70 epochs. The 160 px photos behind the pooled stem (48 epochs) beat 80 px photos
+without the pool (60 epochs) in the same time: test accuracy +0.021 on average over six small train/test
+folders (-0.010 to +0.047), a tie on flowers5, and +0.014 over seeds on cats vs dogs.
 """
 
 from imgclf_jax import config_lib
@@ -33,10 +33,9 @@ def get_config():
     config.progressive.start_scale = 0.6  # 96, 120, 136 then 160 px.
     config.progressive.stages = 4
     config.ema_decay = 0.998
-    # evaluate and predict average each photo's prediction with its mirror image's (docs/accuracy.md, session
-    # 25: +0.004 accuracy on average over six runs of this recipe, +0.008 on four small folders' test photos,
-    # -0.007 and -0.002 on flowers5's validation photos; +0.004 over eight cats-vs-dogs runs). Training
-    # validates on the photo alone. Needs the flip augmentation above.
+    # evaluate and predict average each photo's prediction with its mirror image's (docs/accuracy.md: +0.004
+    # accuracy on average over six runs of this recipe, +0.008 on four small folders' test photos, -0.007 and
+    # -0.002 on flowers5's validation photos). Training validates on the photo alone. Needs the flip above.
     config.tta = "flip"
     config.epochs = 48
     config.batch_size = 32

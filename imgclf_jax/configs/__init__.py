@@ -1,0 +1,1 @@
+"""The shipped recipes, one `get_config()` file each, chosen by name: `--config cats_vs_dogs`."""
