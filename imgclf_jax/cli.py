@@ -67,8 +67,9 @@ def setup_logging(verbose: bool = False) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     # orbax reports routine events (e.g. opening checkpoints read-only) as warnings, and a failed save as
     # tracebacks from each of its threads, through absl; what matters reaches the user as our own one line.
-    if not verbose:
-        handler.addFilter(lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
+    if not verbose:  # TFDS likewise warns of the folders it looks for before preparing a dataset.
+        handler.addFilter(lambda record: not any(f"{os.sep}{library}{os.sep}" in record.pathname
+                                                 for library in ("orbax", "tensorflow_datasets")))
     absl_logging.set_verbosity(absl_logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
     for noisy in ("jax", "orbax", "tensorflow", "etils"):

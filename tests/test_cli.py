@@ -11,8 +11,8 @@ import pytest
 from imgclf_jax import config_lib
 
 
-def _train(*args, cwd):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+def _train(*args, cwd, env=None):
+    env = env or dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run([sys.executable, "-m", "imgclf_jax.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -38,8 +38,13 @@ def test_unknown_config_field_is_an_error(tmp_path):
 
 
 def test_one_epoch_of_the_default_demo_from_the_command_line(tmp_path):
-    result = _train("--epochs", "1", "--workdir", str(tmp_path / "w"), cwd=tmp_path)
+    quiet_env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # As a user runs it.
+    result = _train("--epochs", "1", "--workdir", str(tmp_path / "w"), cwd=tmp_path, env=quiet_env)
     assert result.returncode == 0, result.stderr
+    # The first screen is ours: no TensorFlow C++ banner, no leak warning about the demo's distinct digits.
+    assert "oneDNN" not in result.stderr and "cpu_feature_guard" not in result.stderr, result.stderr[:2000]
+    assert "more than one split" not in result.stderr
+    assert result.stderr.splitlines()[0].split(" ", 1)[1].startswith(("Wrote the built-in demo", "Data: "))
     assert "epoch 1/1" in result.stderr
     assert (tmp_path / "data" / "digits").is_dir()
     assert (tmp_path / "w" / "training_curves.png").is_file()
@@ -79,3 +84,16 @@ def test_compiled_functions_are_kept_on_disk_for_the_next_run(tmp_path):
     assert "cache_hits" in second and "cache_misses" not in second  # ...and loaded by the next process.
     off = run("jax_first", IMGCLF_COMPILATION_CACHE="0")
     assert off[0] == "None" and "cache_hits" not in off
+
+
+def test_version_and_a_recipe_by_name_ignore_the_current_folder(tmp_path):
+    from imgclf_jax import __version__
+
+    result = _train("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"imgclf_jax.train (imgclf_jax) {__version__}"
+    (tmp_path / "cats_vs_dogs.py").write_text("raise SystemExit('a stray file ran')\n")
+    (tmp_path / "cats_vs_dogs").write_text("raise SystemExit('a stray file ran')\n")
+    result = _train("--config", "cats_vs_dogs", "--data_dir", "no/such/folder", cwd=tmp_path)
+    assert "imgclf_jax.train: error: data folder no/such/folder does not exist" in result.stderr
+    result = _train("--config", "no_such_recipe", cwd=tmp_path)
+    assert "no recipe named 'no_such_recipe': choose one of cats_vs_dogs, default, demo, tutorial_cnn" in result.stderr
