@@ -887,7 +887,7 @@ def _define_flags() -> None:
     config_flags.DEFINE_config_file(
         "config", None, "A shipped recipe by name (default, demo, cats_vs_dogs, tutorial_cnn) or your own "
         "recipe file by path. Default: demo with no data flags, default with --data_dir/--dataset. Override "
-        "any field with --config.FIELD=VALUE; `imgclf-train --config NAME --show_config` lists them.",
+        "any field with --config.FIELD=VALUE (every field: docs/config.md, or imgclf_jax.config_lib.base_config).",
         lock_config=True)
     flags.DEFINE_string("workdir", None, "Work directory (default checkpoints/<config name>).")
     flags.DEFINE_string("data_dir", None, "Image folder: DIR/<class>/... or DIR/train/<class>/... "
