@@ -114,6 +114,9 @@ def run(prog: str, main: Callable[[Sequence[str]], None], argv_fn: Callable[[], 
             main(argv)
         except UserError as e:
             _fail(prog, str(e))
+        except OSError as e:  # The machine's, not the code's: permissions, a full disk, a vanished folder.
+            where = f": {e.filename}" if e.filename else ""
+            _fail(prog, f"{e.strerror or e}{where}")
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr, flush=True)
             sys.exit(EXIT_INTERRUPTED)

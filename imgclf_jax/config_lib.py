@@ -331,13 +331,40 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return flat
 
 
+class DamagedFile(UserError):
+    """A file of a work directory that cannot be read or does not hold what it should."""
+
+
+def read_json(path: str, kind: type = object) -> Any:
+    """The JSON value in `path`, which must be a `kind`; a DamagedFile naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise DamagedFile(f"{path} cannot be read ({reason})") from None
+    if not isinstance(value, kind):
+        raise DamagedFile(f"{path} is damaged: it holds a JSON {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def read_class_names(path: str) -> list[str]:
+    """The class names a run saved (classes.json), checked to be a list of names."""
+    names = read_json(path, list)
+    if not names or not all(isinstance(name, str) for name in names):
+        raise DamagedFile(f"{path} is damaged: it should list the class names, and holds {str(names)[:100]}")
+    return names
+
+
 def load_saved_config(path: str) -> ml_collections.ConfigDict:
     """The resolved config a run saved as JSON (no code is executed to read it)."""
-    with open(path) as f:
-        data = json.load(f)
+    data = read_json(path, dict)
     config = base_config()
     config.unlock()
-    config.update(_tuples(data))
+    try:
+        config.update(_tuples(data))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise DamagedFile(f"{path} is damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return config
 
 

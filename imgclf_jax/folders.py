@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -107,9 +108,9 @@ def list_candidate_files(
             real = os.path.realpath(path)
             if real in visited:
                 continue
-            if _is_within(root, real) or any(_is_within(real, other) or _is_within(other, real) for other in others):
+            if is_within(root, real) or any(is_within(real, other) or is_within(other, real) for other in others):
                 log.warning("Not following the link %s -> %s: it leads %s.", display_path(path), display_path(real),
-                            "back above the class folder it is in (a loop)" if _is_within(root, real)
+                            "back above the class folder it is in (a loop)" if is_within(root, real)
                             else "into another class's folder")
                 continue
             visited.add(real)
@@ -124,6 +125,10 @@ def list_candidate_files(
                 continue
             seen_files.add(real)
             try:
+                if not stat.S_ISREG(os.stat(path).st_mode):  # A pipe would block reading; a device never ends.
+                    if image_io.has_image_extension(name):
+                        skipped.append((path, "not a regular file (a pipe, socket or device)"))
+                    continue
                 header = image_io.read_header(path)
             except OSError as e:
                 skipped.append((path, f"cannot read file ({e.strerror or e})"))
@@ -135,7 +140,7 @@ def list_candidate_files(
     return candidates, skipped
 
 
-def _is_within(inner: str, outer: str) -> bool:
+def is_within(inner: str, outer: str) -> bool:
     """Whether the real path `inner` is `outer` or inside it."""
     return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Callable, Optional, Union
 
@@ -41,8 +40,7 @@ def load_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
     if not (os.path.isfile(config_path) and os.path.isfile(classes_path)):
         raise UserError(f"{workdir} is not a training work directory (no config.json / classes.json)")
     config = config_lib.load_saved_config(config_path)
-    with open(classes_path) as f:
-        class_names = json.load(f)
+    class_names = config_lib.read_class_names(classes_path)
     loss_kind = losses.resolve_loss(config.loss, len(class_names))
     model = models.create_model(config, losses.num_outputs(loss_kind, len(class_names)))
     optimizer = train.create_optimizer(config, train.create_learning_rate_fn(config, steps_per_epoch=1))

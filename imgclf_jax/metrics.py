@@ -31,9 +31,11 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         if not line:
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:  # A line cut short by a kill: the epoch is redone on resume.
             break
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):  # Else not ours: passed over.
+            records.append(record)
     return records
 
 

@@ -23,13 +23,14 @@ def plot_training_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: Des
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     single = len(runs) == 1
     for i, (name, records) in enumerate(runs.items()):
-        epochs = [r["epoch"] for r in records]
         color = f"C{i}"
         for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
             prefix = "" if single else f"{plain_text(name)} "
-            ax.plot(epochs, [r[f"train_{key}"] for r in records], "--", color=color, marker=".",
-                    label=f"{prefix}train")
-            validated = [r for r in records if f"val_{key}" in r]  # Not every epoch with `validate_every`.
+            trained = [r for r in records if isinstance(r.get(f"train_{key}"), (int, float))]
+            ax.plot([r["epoch"] for r in trained], [r[f"train_{key}"] for r in trained], "--", color=color,
+                    marker=".", label=f"{prefix}train")
+            # Not every epoch is validated (`validate_every`); a NaN is saved as null.
+            validated = [r for r in records if isinstance(r.get(f"val_{key}"), (int, float))]
             ax.plot([r["epoch"] for r in validated], [r[f"val_{key}"] for r in validated], "-", color=color,
                     marker="o", label=f"{prefix}validation")
     for ax, title in ((ax_loss, "Loss"), (ax_acc, "Accuracy")):

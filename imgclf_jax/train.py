@@ -17,7 +17,6 @@ if __name__ == "__main__":  # Before TensorFlow loads, so that its C++ start-up 
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
@@ -410,8 +409,11 @@ def evaluate_batches(
 def _check_workdir_classes(workdir: str, class_names: list[str]) -> None:
     path = os.path.join(workdir, CLASSES_FILE)
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            saved = config_lib.read_class_names(path)
+        except config_lib.DamagedFile as e:  # Rewritten once the checkpoints (their shapes) prove compatible.
+            log.warning("%s; it is written anew.", e)
+            return
         if saved != class_names:
             raise UserError(
                 f"work directory {workdir} was trained on classes {saved}, but this data has {class_names}; "
@@ -521,6 +523,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         )
     loss_kind = losses.resolve_loss(config.loss, len(class_names))
 
+    if config.data_dir and folders.is_within(os.path.realpath(workdir), os.path.realpath(config.data_dir)):
+        raise UserError(f"--workdir {workdir} is inside the data folder {config.data_dir}: its files would be "
+                        "read as photos by the next run; use a work directory outside it")
     _make_workdir(workdir)
     if is_main:
         cleanup.enter_context(WorkdirLock(workdir))
@@ -572,7 +577,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     most_epochs = config.epochs  # The most a time budget may plan (it may plan fewer).
     if config.time_budget_minutes:
         if restored is not None and os.path.exists(config_path):
-            saved = config_lib.load_saved_config(config_path)
+            saved = config_lib.load_saved_config(config_path)  # A damaged one: one line naming it.
             config.epochs, config.progressive.stage_epochs = saved.epochs, saved.progressive.stage_epochs
             log.info("Time budget: resuming, so the run keeps the %d epochs it planned at its start.", config.epochs)
         else:

@@ -148,3 +148,34 @@ def test_scoring_validation_does_not_open_the_test_folder(trained_run, tmp_path)
     assert name == "validation" and split.num_examples == 13
     with pytest.raises(UserError, match="zebras"):  # Asked for (the default picks test), it is refused.
         evaluate.resolve_eval_data(run, None, None, None)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("config.json", "{garbage", "config.json cannot be read"),
+    ("config.json", "[1, 2]", "config.json is damaged: it holds a JSON list, not a dict"),
+    ("classes.json", '["cats",', "classes.json cannot be read"),
+    ("classes.json", '{"a": 1}', "classes.json is damaged: it holds a JSON dict, not a list"),
+    ("classes.json", "[1, 2]", "classes.json is damaged: it should list the class names"),
+])
+def test_damaged_run_files_are_named_in_one_error(trained_run, tmp_path, name, content, message):
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_run[0], workdir)
+    (workdir / name).write_text(content)
+    with pytest.raises(UserError, match=message):
+        evaluate.evaluate(str(workdir))
+
+
+def test_a_run_with_nan_weights_is_refused_by_its_readers(trained_run, tmp_path):
+    import jax
+
+    from imgclf_jax.checkpointing import Checkpointer
+
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_run[0], workdir)
+    run = inference.load_run(str(workdir), "latest")
+    poisoned = run.state.replace(params=jax.tree_util.tree_map(lambda p: p * np.nan, run.state.params))
+    checkpointer = Checkpointer(str(workdir / "checkpoints"))
+    checkpointer.save(run.step + 1, poisoned, {"epoch": run.epoch + 1}, None)
+    checkpointer.close()
+    with pytest.raises(UserError, match="holds NaN or infinite weights"):
+        evaluate.evaluate(str(workdir), checkpoint="latest")

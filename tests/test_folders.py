@@ -170,3 +170,12 @@ def test_a_class_without_a_validation_image_is_warned_about(tmp_path, caplog):
     found = folders.load_folder_dataset(str(root))
     assert found.class_names == ["many", "other", "single"]
     assert "have no validation image" in caplog.text and "single (1 training image(s))" in caplog.text
+
+
+def test_pipes_and_devices_are_skipped_not_read(tmp_path):
+    root = make_class_folder(tmp_path / "d", {"a": 3, "b": 3})
+    os.mkfifo(root / "a" / "pipe.jpg")  # Reading it would wait forever.
+    (root / "b" / "zero.png").symlink_to("/dev/zero")  # Reading it would never end.
+    found = folders.load_folder_dataset(str(root), validation_split=0.34)
+    assert sorted(Path(p).name for p, _ in found.skipped) == ["pipe.jpg", "zero.png"]
+    assert all("not a regular file" in reason for _, reason in found.skipped)

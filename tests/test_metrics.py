@@ -144,3 +144,15 @@ def test_plots_draw_dollar_signs_in_class_names_literally(tmp_path):
     plotting.plot_confusion_matrix([[1, 0, 0], [0, 1, 0], [0, 0, 1]], names, str(tmp_path / "cm.png"), "a$b")
     plotting.plot_training_curves({"$x$": [_record(1)], "y": [_record(1)]}, str(tmp_path / "curves.png"))
     assert (tmp_path / "cm.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_records_that_are_not_epochs_are_passed_over_and_plots_skip_missing_values(tmp_path):
+    from imgclf_jax import plotting
+
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps(_record(1)) + "\n" + '{"epoch": 2}\n[1, 2]\n"text"\n' + json.dumps({**_record(3), "val_loss": None})
+        + "\n")
+    records = read_metrics(str(tmp_path))
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    plotting.plot_training_curves({"run": records}, str(tmp_path / "curves.png"))
+    assert best_record(records)["epoch"] == 3

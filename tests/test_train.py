@@ -793,3 +793,10 @@ def test_a_work_directory_that_cannot_be_written_is_refused_before_training(tiny
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse_in_checkpoints)
     with pytest.raises(UserError, match="cannot write in the work directory .*Permission denied"):
         train.train_and_evaluate(tiny_config, str(workdir))
+
+
+def test_a_work_directory_inside_the_data_folder_is_refused(tiny_config, flat_three_class_dir):
+    tiny_config.update(data_dir=str(flat_three_class_dir), epochs=1)
+    with pytest.raises(UserError, match="is inside the data folder"):
+        train.train_and_evaluate(tiny_config, str(flat_three_class_dir / "checkpoints" / "run"))
+    assert not (flat_three_class_dir / "checkpoints").exists()
