@@ -125,7 +125,7 @@ def test_resnet_avg_pool_shortcut_reads_every_input_position_with_the_same_param
     assert counts[False] == counts[True]
     assert jnp.array_equal(*outputs[False])
     assert not jnp.allclose(*outputs[True])
-    config = config_lib.load_config_file("cats_vs_dogs.py")
+    config = config_lib.load_config_file("cats_vs_dogs")
     assert models.create_model(config, 1).avg_pool_shortcut
 
 
