@@ -71,4 +71,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    cli.run("accuracy_check", main)
+    cli.run("accuracy_check", main, lambda: config_lib.default_config_argv(sys.argv))

@@ -209,7 +209,7 @@ def benchmark_pipeline(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tutorial_cnn.py")
+    parser.add_argument("--config", default="tutorial_cnn")
     parser.add_argument("--data_dir", default=DEFAULT_DATA)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
