@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 from absl import app
 from absl import logging as absl_logging
 
-from imgclf_jax import folders, xla_cpu
+from imgclf_jax import __version__, user_cache, xla_cpu
 from imgclf_jax.errors import EXIT_USER_ERROR, UserError
 
 EXIT_INTERRUPTED = 130
@@ -50,8 +50,6 @@ train, evaluate, predict, doctor, report = (_command(name) for name in COMMANDS)
 
 def version() -> str:
     """The installed package's version."""
-    from imgclf_jax import __version__
-
     return __version__
 COMPILATION_CACHE_ENV = "IMGCLF_COMPILATION_CACHE"
 COMPILATION_CACHE_MAX_BYTES = 2**30  # Least recently used entries go beyond this.
@@ -142,7 +140,7 @@ def use_compilation_cache() -> Optional[str]:
     XLA compiles each jitted function anew in every process: on a CPU, seconds each for the parameter
     initialisation and the train step of every run. With the cache, a later run of the same model and
     settings loads those (JAX keeps what took a second or more to compile) from disk instead. The directory
-    is xla-<machine> in `folders.cache_dir()`, one per CPU model and instruction set, so a home folder
+    is xla-<machine> in `user_cache.cache_dir()`, one per CPU model and instruction set, so a home folder
     shared by different machines never hands one machine another's code. IMGCLF_COMPILATION_CACHE=0 leaves
     the cache off; JAX's own JAX_COMPILATION_CACHE_DIR, if set, is used as it is.
     """
@@ -150,7 +148,7 @@ def use_compilation_cache() -> Optional[str]:
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
     if os.environ.get(COMPILATION_CACHE_ENV) == "0":
         return None
-    path = os.path.join(folders.cache_dir(), f"xla-{_machine_id()}")
+    path = os.path.join(user_cache.cache_dir(), f"xla-{_machine_id()}")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:  # A read-only home, say: run without the cache.

@@ -1,7 +1,7 @@
 """Native f32 convolution kernels for x86-64 CPUs (AVX2 + FMA), compiled on first use and called through the XLA FFI.
 
 The C++ source sits beside this file (`cpu_conv.cc`; why and how in its header). It is compiled once per
-machine with the system C++ compiler into `folders.cache_dir()` and loaded from there afterwards (about 4 s the
+machine with the system C++ compiler into `user_cache.cache_dir()` and loaded from there afterwards (about 4 s the
 first time). Where that cannot happen — no compiler, another CPU architecture, a CPU without AVX2/FMA, a
 jaxlib without the FFI — `available()` says False and the models keep XLA's own convolutions, so nothing
 depends on the kernels but speed.
@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+
+from imgclf_jax import user_cache
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +48,25 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def _build(compiler: str, include_dir: str) -> Path:
-    """Compiles the kernels into the cache (keyed by source, flags, compiler and jaxlib) unless already there."""
-    from imgclf_jax import folders
+def _compiler_version(compiler: str) -> str:
+    """The first line of `compiler --version` ('' if it does not say)."""
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (result.stdout.strip().splitlines() or [""])[0]
 
-    key = hashlib.sha1(
-        b"\0".join(s.encode() for s in (SOURCE.read_text(), " ".join(_FLAGS), compiler, jax.__version__))
-    ).hexdigest()[:16]
-    target = Path(folders.cache_dir()) / f"cpu_conv-{key}.so"
+
+def _build(compiler: str, include_dir: str) -> Path:
+    """Compiles the kernels into the cache unless already there. The cache key covers what the binary depends
+    on: the source, the flags, the compiler and its version, the jaxlib whose FFI headers it is built
+    against, and the machine's architecture."""
+    import jaxlib
+
+    parts = (SOURCE.read_text(), " ".join(_FLAGS), compiler, _compiler_version(compiler), jaxlib.__version__,
+             include_dir, platform.machine())
+    key = hashlib.sha1(b"\0".join(part.encode() for part in parts)).hexdigest()[:16]
+    target = Path(user_cache.cache_dir()) / f"cpu_conv-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

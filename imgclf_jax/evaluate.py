@@ -26,6 +26,7 @@ import numpy as np
 from imgclf_jax import cli, config_lib, folders, inference, input_pipeline, plotting
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import classification_report
+from imgclf_jax.steps import evaluate_batches
 
 def _pick_split(available: list[str], split: Optional[str], where: str) -> str:
     if split:
@@ -94,12 +95,15 @@ def predict_split(
     predict = inference.make_predict_fn(run, tta)
     prepared = input_pipeline.prepare(data, run.config.image_size, run.config.resize, cache=False)
     probabilities, labels = [], []
-    for batch in input_pipeline.eval_batches(prepared, batch_size):
-        real = batch["mask"] == 1
-        probabilities.append(np.asarray(predict(batch["image"]))[real])
-        labels.append(batch["label"][real])
+
+    def collect(images: np.ndarray, batch_probabilities: np.ndarray, batch_labels: np.ndarray) -> None:
+        probabilities.append(batch_probabilities)
+        labels.append(batch_labels)
         if on_batch is not None:
-            on_batch(batch["image"][real], probabilities[-1], labels[-1])
+            on_batch(images, batch_probabilities, batch_labels)
+
+    evaluate_batches(lambda _, batch: {"probabilities": predict(batch["image"])}, None,
+                     input_pipeline.eval_batches(prepared, batch_size), on_batch=collect)
     return np.concatenate(probabilities), np.concatenate(labels)
 
 

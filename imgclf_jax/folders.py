@@ -5,27 +5,22 @@ Two layouts are accepted:
   DIR/<class>/... directly.
 Class names are the sorted sub-folder names of the training folder. Files are found recursively under
 each class folder and recognised by content. Every candidate image is decode-checked once (in parallel),
-which also yields its fingerprints (`fingerprints.py`); verdicts and fingerprints are cached per file size
-and modification time, so a second run does not decode again. Files found in more than one split (the
+which also yields its fingerprints (imgclf_jax.file_checks, cached, so a second run does not decode again). Files found in more than one split (the
 same file, or the same photo re-encoded) are reported: they inflate validation accuracy.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import stat
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
-import tqdm
 
-from imgclf_jax import fingerprints, image_io
+from imgclf_jax import file_checks, fingerprints, image_io
 from imgclf_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -35,7 +30,6 @@ SPLIT_FOLDER_NAMES = {
     "validation": ("validation", "val", "valid"),
     "test": ("test", "testing"),
 }
-_SCAN_CACHE_VERSION = 4  # 3: HEIF and AVIF are images; 4: no pHash for tiny images.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,15 +38,6 @@ class Example:
     label: int
     digest: str = dataclasses.field(default="", compare=False)  # fingerprints.content_digest
     phash: str = dataclasses.field(default="", compare=False)  # fingerprints.perceptual_hash
-
-
-@dataclasses.dataclass(frozen=True)
-class FileCheck:
-    """The scan's verdict on one file: `reason` is '' if usable; fingerprints only then."""
-
-    reason: str
-    digest: str = ""
-    phash: str = ""
 
 
 @dataclasses.dataclass
@@ -152,91 +137,6 @@ def display_path(path: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def cache_dir() -> str:
-    """Where imgclf_jax keeps what it can recompute (scan verdicts, compiled code): $IMGCLF_CACHE_DIR, else
-    ~/.cache/imgclf_jax (under $XDG_CACHE_HOME if set)."""
-    return os.environ.get("IMGCLF_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "imgclf_jax"
-    )
-
-
-def _cache_path(root: Path) -> Optional[Path]:
-    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    return Path(cache_dir()) / f"scan-{digest}.json"
-
-
-def _load_scan_cache(path: Optional[Path]) -> dict:
-    if path is None or not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-        return data["entries"] if data.get("version") == _SCAN_CACHE_VERSION else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def _save_scan_cache(path: Optional[Path], entries: dict) -> None:
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": _SCAN_CACHE_VERSION, "entries": entries}))
-        os.replace(tmp, path)
-    except OSError as e:  # A read-only home must not stop training; the scan just is not cached.
-        log.debug("Could not write the scan cache %s: %s", path, e)
-
-
-def _check_file(path: str, max_pixels: int) -> FileCheck:
-    """Decodes the file (small: a reduced DCT scale still reads the whole JPEG stream, so truncation is
-    caught cheaply) and fingerprints it, or says why it cannot be used."""
-    try:
-        image = image_io.load_image(path, min_size=64, max_pixels=max_pixels)  # Enough for the pHash.
-        with open(path, "rb") as f:
-            digest = fingerprints.content_digest(f.read())
-    except image_io.UnusableImageError as e:
-        return FileCheck(str(e))
-    except OSError as e:
-        return FileCheck(f"cannot read file ({e.strerror or e})")
-    return FileCheck("", digest, fingerprints.perceptual_hash(image))
-
-
-def check_files(paths: Sequence[str], root: Path, max_pixels: int) -> dict[str, FileCheck]:
-    """Decode-checks and fingerprints files in parallel; cached per size, mtime and pixel limit."""
-    cache_file = _cache_path(root)
-    cache = _load_scan_cache(cache_file)
-    verdicts, todo, keys = {}, [], {}
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            verdicts[path] = FileCheck(f"cannot read file ({e.strerror or e})")
-            continue
-        key = [st.st_size, st.st_mtime_ns, max_pixels]
-        keys[path] = key
-        entry = cache.get(path)
-        if entry is not None and entry[:3] == key:
-            verdicts[path] = FileCheck(*entry[3:])
-        else:
-            todo.append(path)
-    if todo:
-        workers = min(32, (os.cpu_count() or 1) * 2)
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            results = pool.map(lambda p: _check_file(p, max_pixels), todo)
-            for path, check in tqdm.tqdm(
-                zip(todo, results),
-                total=len(todo),
-                desc="Checking images",
-                unit="img",
-                disable=None,  # Terminals only.
-                leave=False,
-            ):
-                verdicts[path] = check
-                cache[path] = keys[path] + [check.reason, check.digest, check.phash]
-        _save_scan_cache(cache_file, cache)
-    return verdicts
-
-
 def stratified_holdout(
     examples: Sequence[Example], fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
@@ -283,7 +183,7 @@ def _examples_for(
         per_class[label], non_images[label] = list_candidate_files(present[name], others)
     if split_name == "train" and not any(per_class.values()):
         raise UserError(f"no images found in {class_root} (looked in {len(per_class)} class folders)")
-    verdicts = check_files([p for c in per_class.values() for p in c], class_root, max_pixels)
+    verdicts = file_checks.check_files([p for c in per_class.values() for p in c], class_root, max_pixels)
     examples = []
     for label, candidates in per_class.items():
         usable = [p for p in candidates if not verdicts[p].reason]

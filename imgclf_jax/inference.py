@@ -16,7 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from imgclf_jax import augmentation, checkpointing, config_lib, losses, models, train, xla_cpu
+from imgclf_jax import augmentation, checkpointing, config_lib, losses, models, xla_cpu
+from imgclf_jax.schedule import create_learning_rate_fn
+from imgclf_jax.train_state import TrainState, abstract_train_state, all_finite, create_optimizer, eval_variables
+from imgclf_jax.workdir import CHECKPOINTS_DIR, CLASSES_FILE, CONFIG_FILE
 from imgclf_jax.errors import UserError
 
 
@@ -26,15 +29,15 @@ class TrainedRun:
     config: ml_collections.ConfigDict
     class_names: list[str]
     loss_kind: str
-    state: train.TrainState
+    state: TrainState
     step: int
     epoch: int
 
 
 def load_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
     """Restores the checkpoint `checkpoint` ('best', 'latest' or a step number) of the run in `workdir`."""
-    config_path = os.path.join(workdir, train.CONFIG_FILE)
-    classes_path = os.path.join(workdir, train.CLASSES_FILE)
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    classes_path = os.path.join(workdir, CLASSES_FILE)
     if not os.path.isdir(workdir):
         raise UserError(f"work directory {workdir} does not exist")
     if not (os.path.isfile(config_path) and os.path.isfile(classes_path)):
@@ -43,10 +46,10 @@ def load_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
     class_names = config_lib.read_class_names(classes_path)
     loss_kind = losses.resolve_loss(config.loss, len(class_names))
     model = models.create_model(config, losses.num_outputs(loss_kind, len(class_names)))
-    optimizer = train.create_optimizer(config, train.create_learning_rate_fn(config, steps_per_epoch=1))
-    target = train.abstract_train_state(model, config.image_size, optimizer, ema=config.ema_decay > 0)
+    optimizer = create_optimizer(config, create_learning_rate_fn(config, steps_per_epoch=1))
+    target = abstract_train_state(model, config.image_size, optimizer, ema=config.ema_decay > 0)
 
-    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINTS_DIR), read_only=True)
     steps = checkpointer.all_steps()
     if not steps:
         raise UserError(f"no checkpoint in {workdir}: train first (python -m imgclf_jax.train --workdir {workdir})")
@@ -61,7 +64,7 @@ def load_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
         state, meta, step = checkpointer.restore(target, checkpoint)
     finally:
         checkpointer.close()
-    if not bool(train.all_finite(train.eval_variables(state))):
+    if not bool(all_finite(eval_variables(state))):
         raise UserError(f"the checkpoint at step {step} in {workdir} holds NaN or infinite weights (its training "
                         "diverged); use another --checkpoint, or train again with a lower learning rate")
     return TrainedRun(workdir, config, class_names, loss_kind, state, step, int(meta["epoch"]))
@@ -90,7 +93,7 @@ def make_predict_fn(run: TrainedRun, tta: Optional[str] = None) -> Callable[[np.
     cost more time (flip_scale about 4.4x a plain pass) and usually cancel some of a model's mistakes.
     """
     tta = resolve_tta(run, tta)
-    variables = train.eval_variables(run.state)
+    variables = eval_variables(run.state)
     apply = functools.partial(run.state.apply_fn, train=False)
 
     @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options())

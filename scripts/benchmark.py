@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgclf_jax import config_lib, input_pipeline, losses, models, parallel, train, xla_cpu
+from imgclf_jax import config_lib, input_pipeline, losses, models, parallel, schedule, steps, train_state, xla_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "datasets", "cats_vs_dogs")
@@ -89,11 +89,11 @@ def jax_runner(config, conv_impl: str, num_classes: int, batches, compiler_optio
     config.conv_impl = conv_impl
     loss_kind = losses.resolve_loss(config.loss, num_classes)
     model = models.create_model(config, losses.num_outputs(loss_kind, num_classes))
-    lr = train.create_learning_rate_fn(config, steps_per_epoch=100)
+    lr = schedule.create_learning_rate_fn(config, steps_per_epoch=100)
     mesh = parallel.create_mesh()  # As the trainer does: the batch split over every device, state replicated.
-    state = train.create_train_state(model, config.image_size, train.create_optimizer(config, lr), 0, mesh)
+    state = train_state.create_train_state(model, config.image_size, train_state.create_optimizer(config, lr), 0, mesh)
     state_sharding = parallel.replicated(mesh)
-    step = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing),
+    step = jax.jit(functools.partial(steps.train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing),
                    in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                    out_shardings=(state_sharding, state_sharding), donate_argnums=0,
                    compiler_options=compiler_options)
@@ -117,9 +117,9 @@ def model_flops_per_step(config, num_classes: int, batch) -> float:
     config.conv_impl = "xla"
     loss_kind = losses.resolve_loss(config.loss, num_classes)
     model = models.create_model(config, losses.num_outputs(loss_kind, num_classes))
-    lr = train.create_learning_rate_fn(config, steps_per_epoch=100)
-    state = train.create_train_state(model, config.image_size, train.create_optimizer(config, lr), 0)
-    step = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing))
+    lr = schedule.create_learning_rate_fn(config, steps_per_epoch=100)
+    state = train_state.create_train_state(model, config.image_size, train_state.create_optimizer(config, lr), 0)
+    step = jax.jit(functools.partial(steps.train_step, loss_kind=loss_kind, label_smoothing=config.label_smoothing))
     analysis = step.lower(state, batch).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     return float(analysis.get("flops", float("nan")))

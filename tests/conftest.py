@@ -127,12 +127,12 @@ def trained_run(tmp_path_factory):
 
 def fresh_state(config, num_outputs: int):
     """An untrained TrainState for `config`'s model with `num_outputs` logits (seeded by config.seed)."""
-    from imgclf_jax import models, train
+    from imgclf_jax import models, schedule, train_state
 
     model = models.create_model(config, num_outputs)
-    lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
-    return train.create_train_state(model, config.image_size, train.create_optimizer(config, lr), config.seed,
-                                    ema=config.ema_decay > 0)
+    lr = schedule.create_learning_rate_fn(config, steps_per_epoch=10)
+    return train_state.create_train_state(model, config.image_size, train_state.create_optimizer(config, lr),
+                                          config.seed, ema=config.ema_decay > 0)
 
 
 def copy_run_with_config(workdir: Path, dest: Path, **changes) -> Path:

@@ -95,18 +95,6 @@ def test_broken_files_are_skipped_and_named(tmp_path):
     assert sum(len(s) for s in found.splits.values()) == 8
 
 
-def test_scan_verdicts_are_cached(tmp_path, monkeypatch):
-    root = make_class_folder(tmp_path / "d", {"x": 3, "y": 3})
-    folders.load_folder_dataset(str(root), validation_split=0.34)
-    checked = []
-    monkeypatch.setattr(folders, "_check_file", lambda p, m: checked.append(p) or folders.FileCheck(""))
-    folders.load_folder_dataset(str(root), validation_split=0.34)
-    assert checked == []
-    write_image(root / "x" / "img_0.jpg", class_image(0, seed=99))  # Changed file: checked again.
-    folders.load_folder_dataset(str(root), validation_split=0.34)
-    assert [Path(p).name for p in checked] == ["img_0.jpg"]
-
-
 @pytest.mark.parametrize("setup, message", [
     (lambda r: None, "does not exist"),
     (lambda r: r.mkdir(), "no class folders"),

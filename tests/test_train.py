@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import fresh_state
-from imgclf_jax import augmentation, checkpointing, inference, input_pipeline, losses, mixing, train
+from imgclf_jax import (augmentation, checkpointing, inference, input_pipeline, losses, mixing, schedule, steps,
+                        time_budget, train, train_state, trainer)
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import REQUIRED_KEYS, read_metrics
 
@@ -26,7 +27,7 @@ def test_train_step_lowers_the_loss_on_a_batch(tiny_config, loss_kind, num_class
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
              "label": (np.arange(8) % num_classes).astype(np.int32)}
-    step = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=0.0),
+    step = jax.jit(functools.partial(steps.train_step, loss_kind=loss_kind, label_smoothing=0.0),
                    donate_argnums=0)
     state, first = step(state, batch)
     for _ in range(30):
@@ -43,13 +44,13 @@ def test_mixed_train_step_loss_is_the_lam_weighted_loss_of_both_labels(tiny_conf
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
              "label": (np.arange(8) % num_classes).astype(np.int32)}
-    step = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=0.1,
+    step = jax.jit(functools.partial(steps.train_step, loss_kind=loss_kind, label_smoothing=0.1,
                                      mix_config=tiny_config.mix))
     _, reported = step(state, batch)
 
     # The same mix, recomputed from the step's key, scored with the untrained parameters.
     dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
-    mixed = mixing.mix_batch(jax.random.fold_in(dropout_key, train._MIX_KEY_STREAM), batch["image"],
+    mixed = mixing.mix_batch(jax.random.fold_in(dropout_key, steps._MIX_KEY_STREAM), batch["image"],
                              batch["label"], 0.4, 1.0, 1.0)
     assert 0.0 < float(mixed.lam) < 1.0
     logits, _ = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, mixed.images,
@@ -58,7 +59,7 @@ def test_mixed_train_step_loss_is_the_lam_weighted_loss_of_both_labels(tiny_conf
                 + (1 - float(mixed.lam)) * losses.per_example_loss(logits, mixed.partner_labels, loss_kind, 0.1))
     assert float(reported["loss"]) == pytest.approx(float(expected.mean()), rel=1e-5)
 
-    plain = jax.jit(functools.partial(train.train_step, loss_kind=loss_kind, label_smoothing=0.1))
+    plain = jax.jit(functools.partial(steps.train_step, loss_kind=loss_kind, label_smoothing=0.1))
     _, unmixed = plain(state, batch)
     assert float(unmixed["loss"]) != pytest.approx(float(reported["loss"]), rel=1e-3)
 
@@ -70,13 +71,13 @@ def test_train_step_trains_on_the_augmented_resized_batch(tiny_config):
     state = fresh_state(tiny_config, 1)
     batch = {"image": np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
              "label": (np.arange(8) % 2).astype(np.int32)}
-    step = jax.jit(functools.partial(train.train_step, loss_kind="sigmoid", label_smoothing=0.0,
+    step = jax.jit(functools.partial(steps.train_step, loss_kind="sigmoid", label_smoothing=0.0,
                                      augment_config=tiny_config.augment, image_size=8))
     _, reported = step(state, batch)
 
     # The same augmentation, recomputed from the step's key, scored with the untrained parameters.
     dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
-    images = augmentation.training_images(jax.random.fold_in(dropout_key, train._AUGMENT_KEY_STREAM),
+    images = augmentation.training_images(jax.random.fold_in(dropout_key, steps._AUGMENT_KEY_STREAM),
                                           batch["image"], tiny_config.augment, 8)
     assert images.shape == (8, 8, 8, 3)
     logits, _ = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images,
@@ -84,7 +85,7 @@ def test_train_step_trains_on_the_augmented_resized_batch(tiny_config):
     expected = losses.per_example_loss(logits, batch["label"], "sigmoid").mean()
     assert float(reported["loss"]) == pytest.approx(float(expected), rel=1e-5)
 
-    plain = jax.jit(functools.partial(train.train_step, loss_kind="sigmoid", label_smoothing=0.0))
+    plain = jax.jit(functools.partial(steps.train_step, loss_kind="sigmoid", label_smoothing=0.0))
     _, unaugmented = plain(state, batch)
     assert float(unaugmented["loss"]) != pytest.approx(float(reported["loss"]), rel=1e-3)
 
@@ -93,11 +94,11 @@ def test_weight_average_follows_each_step_and_is_what_evaluation_uses(tiny_confi
     tiny_config.cnn.batch_norm = True
     tiny_config.ema_decay = 0.5
     state = fresh_state(tiny_config, 1)
-    assert isinstance(state, train.EmaTrainState)
+    assert isinstance(state, train_state.EmaTrainState)
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
              "label": (np.arange(8) % 2).astype(np.int32)}
-    step = jax.jit(functools.partial(train.train_step, loss_kind="sigmoid", label_smoothing=0.0, ema_decay=0.5))
+    step = jax.jit(functools.partial(steps.train_step, loss_kind="sigmoid", label_smoothing=0.0, ema_decay=0.5))
     average = {"params": state.params, "batch_stats": state.batch_stats}
     for n in range(1, 4):
         state, _ = step(state, batch)
@@ -109,7 +110,7 @@ def test_weight_average_follows_each_step_and_is_what_evaluation_uses(tiny_confi
     assert not np.allclose(jax.tree_util.tree_leaves(state.ema["params"])[0],
                            jax.tree_util.tree_leaves(state.params)[0])
 
-    evaluated = train.eval_step(state, {**batch, "mask": np.ones(8, np.float32)}, "sigmoid")
+    evaluated = steps.eval_step(state, {**batch, "mask": np.ones(8, np.float32)}, "sigmoid")
     expected = state.apply_fn(state.ema, batch["image"], train=False)
     np.testing.assert_allclose(evaluated["logits"], expected, rtol=1e-5)
 
@@ -120,7 +121,7 @@ def test_run_with_a_weight_average_restores_it_for_prediction(tiny_config, two_c
     tiny_config.update(data_dir=str(two_class_dir), ema_decay=0.9)
     train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
     run = inference.load_run(str(tmp_path / "w"))
-    assert isinstance(run.state, train.EmaTrainState)
+    assert isinstance(run.state, train_state.EmaTrainState)
     images = np.random.default_rng(1).uniform(size=(4, 16, 16, 3)).astype(np.float32)
     probs = inference.make_predict_fn(run)(images)
     expected = losses.probabilities(run.state.apply_fn(run.state.ema, images, train=False), "sigmoid")
@@ -129,24 +130,24 @@ def test_run_with_a_weight_average_restores_it_for_prediction(tiny_config, two_c
 
 def test_progressive_resizing_stages(tiny_config):
     tiny_config.update(image_size=80, epochs=8)
-    assert {train.train_image_size(tiny_config, e) for e in range(1, 9)} == {80}
+    assert {schedule.train_image_size(tiny_config, e) for e in range(1, 9)} == {80}
     tiny_config.progressive.update(start_scale=0.6, stages=4)  # 48 px, then 58.7 and 69.3 px rounded.
-    assert [train.train_image_size(tiny_config, e) for e in range(1, 9)] == [48, 48, 56, 56, 72, 72, 80, 80]
+    assert [schedule.train_image_size(tiny_config, e) for e in range(1, 9)] == [48, 48, 56, 56, 72, 72, 80, 80]
     tiny_config.progressive.stages = 1
-    assert {train.train_image_size(tiny_config, e) for e in range(1, 9)} == {80}
+    assert {schedule.train_image_size(tiny_config, e) for e in range(1, 9)} == {80}
 
 
 def test_progressive_stages_of_set_length_leave_the_rest_to_the_last(tiny_config):
     tiny_config.update(image_size=64, epochs=35, validate_every=100)
     tiny_config.progressive.update(start_scale=0.5, stages=4)  # 32, 40, 56 and 64 px.
-    assert train.last_stage_start(tiny_config) == 28  # Equal stages: epochs 28-35 are the last quarter.
+    assert schedule.last_stage_start(tiny_config) == 28  # Equal stages: epochs 28-35 are the last quarter.
     tiny_config.progressive.stage_epochs = 10  # As the time budget leaves a shortened last stage.
-    assert [train.train_image_size(tiny_config, e) for e in range(1, 36)] == (
+    assert [schedule.train_image_size(tiny_config, e) for e in range(1, 36)] == (
         [32] * 10 + [40] * 10 + [56] * 10 + [64] * 5)
-    assert train.last_stage_start(tiny_config) == 31
-    assert [e for e in range(1, 36) if train.validates_after(tiny_config, e)] == list(range(31, 36))  # And the last.
+    assert schedule.last_stage_start(tiny_config) == 31
+    assert [e for e in range(1, 36) if schedule.validates_after(tiny_config, e)] == list(range(31, 36))  # And the last.
     tiny_config.progressive.start_scale = 0.0
-    assert train.last_stage_start(tiny_config) is None
+    assert schedule.last_stage_start(tiny_config) is None
 
 
 @pytest.mark.parametrize("stage_epochs", [-1, 10, 11])
@@ -177,11 +178,11 @@ def test_progressive_run_trains_small_then_full_size(tiny_config, two_class_dir,
 
 def test_validate_every_skips_early_epochs_but_never_the_last_stage(tiny_config):
     tiny_config.update(epochs=8, validate_every=3)
-    assert [e for e in range(1, 9) if train.validates_after(tiny_config, e)] == [3, 6, 8]
+    assert [e for e in range(1, 9) if schedule.validates_after(tiny_config, e)] == [3, 6, 8]
     tiny_config.progressive.update(start_scale=0.5, stages=4)  # The last stage is epochs 7 and 8.
-    assert [e for e in range(1, 9) if train.validates_after(tiny_config, e)] == [3, 6, 7, 8]
+    assert [e for e in range(1, 9) if schedule.validates_after(tiny_config, e)] == [3, 6, 7, 8]
     tiny_config.validate_every = 1
-    assert all(train.validates_after(tiny_config, e) for e in range(1, 9))
+    assert all(schedule.validates_after(tiny_config, e) for e in range(1, 9))
 
 
 def test_run_validating_every_other_epoch_keeps_the_best_of_those_and_resumes(tiny_config, two_class_dir,
@@ -210,7 +211,7 @@ def test_checkpoints_are_saved_when_an_epoch_may_be_the_best_when_due_and_at_the
         tiny_config, two_class_dir, tmp_path, monkeypatch):
     tiny_config.update(data_dir=str(two_class_dir), epochs=7, validate_every=1, checkpoint_every_minutes=60.0)
     scripted_accuracy = iter([0.6, 0.5, 0.7, 0.7, 0.4, 0.3, 0.2])
-    monkeypatch.setattr(train, "evaluate_batches",
+    monkeypatch.setattr(trainer, "evaluate_batches",
                         lambda *args, **kwargs: {"loss": 1.0, "accuracy": next(scripted_accuracy)})
     saved = []
     real_save = checkpointing.Checkpointer.save
@@ -240,10 +241,10 @@ def test_training_time_estimate_sums_each_epochs_steps_at_its_size_and_its_valid
     step_seconds = {8: 1.0, 16: 2.0}
     # Epochs 1-4 at 8 px and 5-8 at 16 px, 10 steps each plus 0.5 s; validated after epochs 3 and 6 (every
     # third) and 7 and 8 (the last stage).
-    assert train.estimate_training_seconds(tiny_config, 8, step_seconds, 10, 0.5, 5.0) == pytest.approx(
+    assert time_budget.estimate_training_seconds(tiny_config, 8, step_seconds, 10, 0.5, 5.0) == pytest.approx(
         4 * 10.5 + 4 * 20.5 + 4 * 5.0)
     # Four epochs: one a stage; validated after epoch 3 and the last.
-    assert train.estimate_training_seconds(tiny_config, 4, step_seconds, 10, 0.0, 5.0) == pytest.approx(
+    assert time_budget.estimate_training_seconds(tiny_config, 4, step_seconds, 10, 0.0, 5.0) == pytest.approx(
         2 * 10.0 + 2 * 20.0 + 2 * 5.0)
     assert tiny_config.epochs == 8  # Estimating other epoch counts leaves the config alone.
 
@@ -251,15 +252,15 @@ def test_training_time_estimate_sums_each_epochs_steps_at_its_size_and_its_valid
 def test_fit_epochs_keeps_whole_stages_and_never_goes_below_one(tiny_config):
     per_epoch = lambda epochs: 10.0 * epochs
     tiny_config.update(epochs=30)
-    assert train.fit_epochs(tiny_config, 1000.0, per_epoch) == 30  # All of them fit.
-    assert train.fit_epochs(tiny_config, 125.0, per_epoch) == 12
-    assert train.fit_epochs(tiny_config, 5.0, per_epoch) == 1  # Nothing fits: the least there is.
+    assert time_budget.fit_epochs(tiny_config, 1000.0, per_epoch) == 30  # All of them fit.
+    assert time_budget.fit_epochs(tiny_config, 125.0, per_epoch) == 12
+    assert time_budget.fit_epochs(tiny_config, 5.0, per_epoch) == 1  # Nothing fits: the least there is.
     tiny_config.progressive.update(start_scale=0.5, stages=4)
-    assert train.fit_epochs(tiny_config, 125.0, per_epoch) == 12
-    assert train.fit_epochs(tiny_config, 119.0, per_epoch) == 8  # A multiple of the 4 stages.
-    assert train.fit_epochs(tiny_config, 5.0, per_epoch) == 4
-    assert train.fit_epochs(tiny_config, 300.0, per_epoch) == 30  # The most asked for, even if not a multiple.
-    assert train.fit_epochs(tiny_config, 299.0, per_epoch) == 28
+    assert time_budget.fit_epochs(tiny_config, 125.0, per_epoch) == 12
+    assert time_budget.fit_epochs(tiny_config, 119.0, per_epoch) == 8  # A multiple of the 4 stages.
+    assert time_budget.fit_epochs(tiny_config, 5.0, per_epoch) == 4
+    assert time_budget.fit_epochs(tiny_config, 300.0, per_epoch) == 30  # The most asked for, even if not a multiple.
+    assert time_budget.fit_epochs(tiny_config, 299.0, per_epoch) == 28
 
 
 def test_refit_epochs_cuts_the_plan_to_the_pace_of_real_epochs(tiny_config):
@@ -268,7 +269,7 @@ def test_refit_epochs_cuts_the_plan_to_the_pace_of_real_epochs(tiny_config):
     tiny_config.update(epochs=40, image_size=64)
     tiny_config.progressive.update(start_scale=0.5, stages=4)  # 32, 40, 56 and 64 px.
     paced = range(2, 5)  # Epochs 2-4, estimated at 3 s.
-    refit = lambda seconds_left, paced_seconds: train.refit_epochs(
+    refit = lambda seconds_left, paced_seconds: time_budget.refit_epochs(
         tiny_config, seconds_left, paced, paced_seconds, one_second_an_epoch)
     # At the estimated pace epochs 5-40 need 36 s, plus the 5% margin.
     assert refit(100.0, 3.0) == 40
@@ -281,7 +282,7 @@ def test_refit_epochs_cuts_the_plan_to_the_pace_of_real_epochs(tiny_config):
     tiny_config.progressive.start_scale = 0.0  # Without stages any count will do: 2.1 * (E - 4) <= 20.
     assert refit(20.0, 6.0) == 13
     # Counting half of the lag: 1.05 * 1.5 * (E - 4) <= 20 gives 16 (all of it, above: 13).
-    assert train.refit_epochs(tiny_config, 20.0, paced, 6.0, one_second_an_epoch, lag_share=0.5) == 16
+    assert time_budget.refit_epochs(tiny_config, 20.0, paced, 6.0, one_second_an_epoch, lag_share=0.5) == 16
     assert tiny_config.epochs == 40  # Left for the caller to change.
 
 
@@ -294,19 +295,19 @@ def test_fit_last_stage_shortens_the_last_stage_to_the_pace_of_the_one_before(ti
         assert config.progressive.stage_epochs == 10 and first_epoch == 31
         return float((epochs if last_epoch is None else last_epoch) - first_epoch + 1)
 
-    fit = lambda seconds_left, pace: train.fit_last_stage(tiny_config, seconds_left, pace, one_second_an_epoch)
+    fit = lambda seconds_left, pace: time_budget.fit_last_stage(tiny_config, seconds_left, pace, one_second_an_epoch)
     assert fit(100.0, 1.0) == 40  # The plan fits: 1.05 * 10 s.
     assert fit(15.0, 2.0) == 37  # 2.1 s an epoch: 7 fit in 15 s.
     assert fit(5.0, 0.5) == 34  # Faster than timed counts as on time: 1.05 s an epoch.
     assert fit(0.1, 2.0) == 31  # Nothing fits: one epoch of the last stage.
     # Up to `most_epochs` (the config's most, of which the time budget planned 40), a last stage that fits
     # with time to spare is lengthened to the most epochs that fit.
-    longer = lambda seconds_left, pace: train.fit_last_stage(tiny_config, seconds_left, pace, one_second_an_epoch,
+    longer = lambda seconds_left, pace: time_budget.fit_last_stage(tiny_config, seconds_left, pace, one_second_an_epoch,
                                                              most_epochs=60)
     assert longer(21.0, 1.0) == 50  # 20 epochs of 1.05 s fit in 21 s.
     assert longer(1000.0, 1.0) == 60  # Never past most_epochs.
     assert longer(15.0, 2.0) == 37  # Short of time, it shortens as without.
-    assert train.fit_last_stage(tiny_config, 1000.0, 1.0, one_second_an_epoch, most_epochs=20) == 40
+    assert time_budget.fit_last_stage(tiny_config, 1000.0, 1.0, one_second_an_epoch, most_epochs=20) == 40
     assert tiny_config.epochs == 40 and tiny_config.progressive.stage_epochs == 0  # Left for the caller.
 
 
@@ -315,10 +316,10 @@ def test_a_re_planned_last_stage_keeps_the_learning_rate_continuous(tiny_config,
     # Stages of 10 epochs planned for 40; the time budget made the last stage 7 or 20 epochs long.
     tiny_config.update(lr_schedule="cosine", warmup_epochs=1.0, epochs=40, learning_rate=0.1)
     tiny_config.progressive.update(start_scale=0.5, stages=4)
-    planned = train.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
+    planned = schedule.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
     tiny_config.update(epochs=epochs)
     tiny_config.progressive.stage_epochs = 10
-    re_planned = train.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
+    re_planned = schedule.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
     for step in (0, 10, 150, 299, 300):  # The stages before the last: the plan they were trained under.
         assert float(re_planned(step)) == pytest.approx(float(planned(step)), rel=1e-6)
     # The last stage decays from there (about 0.15 of the peak) to zero at its own end, without a jump.
@@ -332,7 +333,7 @@ def _train_slower_than_timed(tiny_config, two_class_dir, tmp_path, caplog, monke
     """Trains at most 12 epochs in two progressive stages within a minute, the train step timed at a
     microsecond: the budget plans all 12, which epochs 2-4 show cannot fit. Returns the records and the work
     directory."""
-    monkeypatch.setattr(train, "_seconds_per_call", lambda call, state, batch, calls: (state, 1e-6))
+    monkeypatch.setattr(trainer, "time_call", lambda call, state, batch, calls, clock=None: (state, 1e-6))
     tiny_config.update(data_dir=str(two_class_dir), epochs=12, time_budget_minutes=1.0, validate_every=100,
                        lr_schedule="cosine", warmup_epochs=1.0)
     tiny_config.cnn.global_pool = True
@@ -347,7 +348,7 @@ def test_a_run_slower_than_its_timing_is_re_planned_after_epoch_4_and_before_its
     # Steps timed at a microsecond: the plan is all 12 epochs, which epochs 2-4 show cannot fit in a minute,
     # and then the last stage neither.
     schedules = {}  # id of each optimizer made -> (the optimizer, its learning-rate schedule)
-    make_optimizer, step = train.create_optimizer, train.train_step
+    make_optimizer, step = train_state.create_optimizer, steps.train_step
 
     def spy_optimizer(config, learning_rate_fn):
         tx = make_optimizer(config, learning_rate_fn)
@@ -360,8 +361,8 @@ def test_a_run_slower_than_its_timing_is_re_planned_after_epoch_4_and_before_its
         traced.append((kwargs["image_size"], schedules[id(state.tx)][1]))
         return step(state, batch, **kwargs)
 
-    monkeypatch.setattr(train, "create_optimizer", spy_optimizer)
-    monkeypatch.setattr(train, "train_step", spy_step)
+    monkeypatch.setattr(trainer, "create_optimizer", spy_optimizer)
+    monkeypatch.setattr(trainer, "train_step", spy_step)
     records, workdir = _train_slower_than_timed(tiny_config, two_class_dir, tmp_path, caplog, monkeypatch)
     assert "Time budget 1.0 min: 12 epoch(s)" in caplog.text
     # 8 is the fewest that keeps epochs 1-4 in the first (8 px) stage.
@@ -400,7 +401,7 @@ def test_the_check_before_the_last_stage_can_give_back_what_the_first_check_cut(
         asked.append((config.epochs, most_epochs))
         return most_epochs
 
-    monkeypatch.setattr(train, "fit_last_stage", on_time)
+    monkeypatch.setattr(time_budget, "fit_last_stage", on_time)
     records, workdir = _train_slower_than_timed(tiny_config, two_class_dir, tmp_path, caplog, monkeypatch)
     assert "re-planned to 8 epochs (was 12)" in caplog.text
     assert asked == [(8, 12)]  # Up to the config's epochs.
@@ -412,7 +413,7 @@ def test_the_check_before_the_last_stage_can_give_back_what_the_first_check_cut(
     # warmup's end to zero: 0.61 of its peak), down to zero at the end of epoch 12 (a fresh 12-epoch cosine
     # would jump up to 0.71 of the peak instead).
     steps_per_epoch = records[0]["step"]
-    eight_epochs = train.create_learning_rate_fn(train.planned_for(tiny_config, 8), steps_per_epoch)
+    eight_epochs = schedule.create_learning_rate_fn(schedule.planned_for(tiny_config, 8), steps_per_epoch)
     left_off = float(eight_epochs(4 * steps_per_epoch))
     assert left_off == pytest.approx(0.5 * (1 + np.cos(3 * np.pi / 7)) * tiny_config.learning_rate, rel=1e-4)
     rates = [r["learning_rate"] for r in records]  # Each epoch's last step's.
@@ -449,16 +450,16 @@ def test_a_generous_time_budget_trains_every_epoch(tiny_config, two_class_dir, t
 
 def test_learning_rate_schedules(tiny_config):
     tiny_config.update(lr_schedule="cosine", warmup_epochs=1.0, epochs=4, learning_rate=0.1)
-    lr = train.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
+    lr = schedule.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
     assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(0.1)
     assert float(lr(25)) == pytest.approx(0.05, rel=1e-3) and float(lr(40)) == pytest.approx(0.0, abs=1e-7)
     tiny_config.update(lr_schedule="constant", warmup_epochs=0.0)
-    assert float(train.create_learning_rate_fn(tiny_config, 10)(37)) == pytest.approx(0.1)
+    assert float(schedule.create_learning_rate_fn(tiny_config, 10)(37)) == pytest.approx(0.1)
 
 
 def test_sgd_step_is_nesterov_momentum_with_l2_on_weights_only(tiny_config):
     tiny_config.update(optimizer="sgd", momentum=0.9, weight_decay=0.01, learning_rate=0.1)
-    optimizer = train.create_optimizer(tiny_config, train.create_learning_rate_fn(tiny_config, 10))
+    optimizer = train_state.create_optimizer(tiny_config, schedule.create_learning_rate_fn(tiny_config, 10))
     params = {"kernel": np.full((2, 2), 2.0, np.float32), "bias": np.full((2,), 2.0, np.float32)}
     grads = {"kernel": np.full((2, 2), 0.5, np.float32), "bias": np.full((2,), 0.5, np.float32)}
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
@@ -471,8 +472,8 @@ def test_evaluation_counts_each_example_once_whatever_the_batch_size(tiny_config
     state = fresh_state(tiny_config, 1)
     source = input_pipeline.load_folder_source(str(two_class_dir), 0.2, 0, 16, 10**8)
     prepared = input_pipeline.prepare(source.splits["validation"], 16, "squash", cache=True)
-    eval_fn = jax.jit(functools.partial(train.eval_step, loss_kind="sigmoid"))
-    results = [train.evaluate_batches(eval_fn, state, input_pipeline.eval_batches(prepared, bs))
+    eval_fn = jax.jit(functools.partial(steps.eval_step, loss_kind="sigmoid"))
+    results = [steps.evaluate_batches(eval_fn, state, input_pipeline.eval_batches(prepared, bs))
                for bs in (3, 16, 50)]
     assert all(r["num_examples"] == 16 for r in results)
     for r in results[1:]:
@@ -620,7 +621,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, t
     workdir = str(tmp_path / "w")
     train.train_and_evaluate(tiny_config, workdir)
     tiny_config.update(epochs=3, learning_rate=1e38)  # Adam steps of ~1e38 overflow float32 at once.
-    with pytest.raises(train.TrainingDiverged, match="at epoch 2, step \\d+; stopped without saving"):
+    with pytest.raises(trainer.TrainingDiverged, match="at epoch 2, step \\d+; stopped without saving"):
         train.train_and_evaluate(tiny_config, workdir)
     assert [r["epoch"] for r in read_metrics(workdir)] == [1]
     from imgclf_jax.checkpointing import Checkpointer
@@ -720,13 +721,13 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_recovers_whole(tin
 
 
 def test_a_second_run_on_a_work_directory_in_use_is_refused(tiny_config, two_class_dir, tmp_path):
-    from imgclf_jax.workdir_lock import WorkdirLock
+    from imgclf_jax.workdir import WorkdirLock
 
     tiny_config.update(data_dir=str(two_class_dir), epochs=1)
     workdir = tmp_path / "w"
     workdir.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom imgclf_jax.workdir_lock import WorkdirLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom imgclf_jax.workdir import WorkdirLock\n"
          "with WorkdirLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n", str(workdir)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -744,7 +745,7 @@ def test_a_second_run_on_a_work_directory_in_use_is_refused(tiny_config, two_cla
 def test_a_non_finite_validation_loss_stops_the_run_without_saving_the_epoch(tiny_config, two_class_dir, tmp_path,
                                                                              monkeypatch):
     tiny_config.update(data_dir=str(two_class_dir), epochs=3)
-    real_evaluate = train.evaluate_batches
+    real_evaluate = trainer.evaluate_batches
     calls = []
 
     def nan_on_second(*args, **kwargs):
@@ -752,8 +753,8 @@ def test_a_non_finite_validation_loss_stops_the_run_without_saving_the_epoch(tin
         result = real_evaluate(*args, **kwargs)
         return {**result, "loss": float("nan")} if len(calls) == 2 else result
 
-    monkeypatch.setattr(train, "evaluate_batches", nan_on_second)
-    with pytest.raises(train.TrainingDiverged, match="validation loss became nan at epoch 2"):
+    monkeypatch.setattr(trainer, "evaluate_batches", nan_on_second)
+    with pytest.raises(trainer.TrainingDiverged, match="validation loss became nan at epoch 2"):
         train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
     assert [r["epoch"] for r in read_metrics(str(tmp_path / "w"))] == [1]
     from imgclf_jax.checkpointing import Checkpointer

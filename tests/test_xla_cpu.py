@@ -100,7 +100,7 @@ def test_auto_conv_without_native_kernels_is_xla_wherever_the_cpu_options_apply(
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU options")
 def test_one_off_options_compile_the_same_initial_parameters():
-    from imgclf_jax import config_lib, train
+    from imgclf_jax import config_lib, schedule, train_state
 
     options = xla_cpu.one_off_compiler_options()
     if not options:
@@ -108,8 +108,8 @@ def test_one_off_options_compile_the_same_initial_parameters():
     config = config_lib.base_config()
     config.cnn.filters, config.cnn.dense_units = (8, 16), 16
     model = models.create_model(config, 3)
-    optimizer = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
-    tuned = train.create_train_state(model, 32, optimizer, seed=3)  # Compiled with the one-off options.
-    default = jax.jit(lambda: train._initial_state(model, 32, optimizer, 3))()  # XLA's default build.
+    optimizer = train_state.create_optimizer(config, schedule.create_learning_rate_fn(config, 10))
+    tuned = train_state.create_train_state(model, 32, optimizer, seed=3)  # Compiled with the one-off options.
+    default = jax.jit(lambda: train_state._initial_state(model, 32, optimizer, 3))()  # XLA's default build.
     for a, b in zip(jax.tree_util.tree_leaves(tuned.params), jax.tree_util.tree_leaves(default.params)):
         assert a.shape == b.shape and jnp.allclose(a, b, rtol=1e-6, atol=1e-7)  # Float rounding at most.

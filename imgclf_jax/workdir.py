@@ -1,7 +1,7 @@
-"""One run at a time in a work directory: an advisory lock held by the training process.
+"""A training run's work directory: the names of its files, making it, checking that it fits the data, and the
+lock that keeps it to one run at a time.
 
-Two runs writing one work directory would log every epoch twice and overwrite each other's checkpoints. The
-lock is `fcntl.flock` on WORKDIR/.imgclf.lock, which the kernel releases when its process ends however it
+The lock is `fcntl.flock` on WORKDIR/.imgclf.lock, which the kernel releases when its process ends however it
 ends (kill -9 included), so a lock left by a killed run is taken over without asking. Where the filesystem
 has no locks, the process id written in the file decides instead: a lock whose process no longer runs on
 this host is stale and taken over.
@@ -15,13 +15,70 @@ import fcntl
 import logging
 import os
 import socket
+import tempfile
 from typing import Optional
 
+from imgclf_jax import config_lib, folders
 from imgclf_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
+CLASSES_FILE = "classes.json"
+CONFIG_FILE = "config.json"
+SKIPPED_FILE = "skipped_files.txt"
+CURVES_FILE = "training_curves.png"
+CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".imgclf.lock"
+
+
+def check_classes(workdir: str, class_names: list[str]) -> None:
+    """Refuses a work directory trained on other classes (a damaged classes.json only warns)."""
+    path = os.path.join(workdir, CLASSES_FILE)
+    if os.path.exists(path):
+        try:
+            saved = config_lib.read_class_names(path)
+        except config_lib.DamagedFile as e:  # Rewritten once the checkpoints (their shapes) prove compatible.
+            log.warning("%s; it is written anew.", e)
+            return
+        if saved != class_names:
+            raise UserError(
+                f"work directory {workdir} was trained on classes {saved}, but this data has {class_names}; "
+                "use another --workdir"
+            )
+
+
+def make(workdir: str) -> None:
+    """Creates `workdir` if needed and checks that this process can write in it, before any training."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir} is a file, not a folder; name a folder")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check_"):
+            pass
+        checkpoints = os.path.join(workdir, CHECKPOINTS_DIR)
+        if os.path.isdir(checkpoints):
+            with tempfile.NamedTemporaryFile(dir=checkpoints, prefix=".write_check_"):
+                pass
+    except OSError as e:
+        raise UserError(f"cannot write in the work directory {workdir}: {e.strerror or e}"
+                        f"{': ' + str(e.filename) if e.filename else ''}; fix its permissions or use another "
+                        "--workdir") from None
+
+
+def write_skipped(workdir: str, skipped: list[tuple[str, str]]) -> None:
+    """Lists the files the scan could not use in SKIPPED_FILE (removed when there are none), and logs them."""
+    path = os.path.join(workdir, SKIPPED_FILE)
+    if not skipped:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    with open(path, "w") as f:
+        f.writelines(f"{folders.display_path(p)}\t{reason}\n" for p, reason in skipped)
+    log.warning("Skipped %d unusable file(s) (listed in %s):", len(skipped), path)
+    for p, reason in skipped[:10]:
+        log.warning("  %s: %s", folders.display_path(p), reason)
+    if len(skipped) > 10:
+        log.warning("  ... and %d more", len(skipped) - 10)
 
 
 class WorkdirInUse(UserError):

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from imgclf_jax.workdir_lock import LOCK_FILE, WorkdirInUse, WorkdirLock
+from imgclf_jax.workdir import LOCK_FILE, WorkdirInUse, WorkdirLock
 
-_HOLD = ("import sys, time\nfrom imgclf_jax.workdir_lock import WorkdirLock\n"
+_HOLD = ("import sys, time\nfrom imgclf_jax.workdir import WorkdirLock\n"
          "with WorkdirLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n")
 
 
