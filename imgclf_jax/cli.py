@@ -14,6 +14,7 @@ import platform
 import sys
 import threading
 import traceback
+import types
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -28,16 +29,39 @@ VERBOSE_FLAG = "--verbose"
 COMMANDS = ("train", "evaluate", "predict", "doctor", "report")
 
 
-def prepare_environment(argv: Sequence[str] = ()) -> None:
-    """Called by each entry point before TensorFlow is imported: without `--verbose` in `argv`, TensorFlow's
-    C++ start-up INFO lines (oneDNN, CPU features) are not printed. A value the user set is kept."""
+def prepare_environment(argv: Sequence[str] = (), tensorflow: bool = True) -> None:
+    """Called by each entry point before anything imports TensorFlow: without `--verbose` in `argv`,
+    TensorFlow's C++ start-up INFO lines (oneDNN, CPU features) are not printed (a value the user set is
+    kept). With `tensorflow`, it is then imported without the Keras it would load (`_import_tensorflow`) and
+    kept off the GPUs, which JAX owns (tf.data only needs the CPU)."""
     if VERBOSE_FLAG not in argv:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if tensorflow:
+        _import_tensorflow().config.set_visible_devices([], "GPU")
+
+
+def _import_tensorflow() -> types.ModuleType:
+    """`import tensorflow`, without the Keras it imports eagerly at the end ("keras.src.optimizers", for
+    SavedModel registrations we never use): that is all of Keras, plus scikit-learn for Keras's wrappers
+    where it is installed, about 2 s of every command's start-up. A placeholder stands in for that one module
+    while TensorFlow loads and is removed afterwards, so a later `import keras` (or `tf.keras`) loads as usual.
+    """
+    name = "keras.src.optimizers"
+    if "tensorflow" in sys.modules or "keras" in sys.modules or name in sys.modules:
+        import tensorflow
+        return tensorflow
+    placeholder = sys.modules[name] = types.ModuleType(name)
+    try:
+        import tensorflow
+    finally:
+        if sys.modules.get(name) is placeholder:
+            del sys.modules[name]
+    return tensorflow
 
 
 def _command(name: str) -> Callable[[], None]:
     def run_command() -> None:
-        prepare_environment(sys.argv)
+        prepare_environment(sys.argv, tensorflow=name != "doctor")
         importlib.import_module(f"imgclf_jax.{name}").run()
 
     run_command.__name__ = name

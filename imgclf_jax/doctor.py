@@ -16,7 +16,7 @@ if __name__ == "__main__":  # Before TensorFlow loads, so that its C++ start-up 
 
     from imgclf_jax import cli
 
-    cli.prepare_environment(sys.argv)
+    cli.prepare_environment(sys.argv, tensorflow=False)
 
 import collections
 import concurrent.futures

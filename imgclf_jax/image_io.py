@@ -7,6 +7,7 @@ are recognised by their content, not by their extension.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -17,7 +18,12 @@ try:  # A dependency; without it (a platform with no wheel) HEIC photos are skip
     import pillow_heif
 except ImportError:
     pillow_heif = None
-else:
+
+
+@functools.cache
+def _open_heif_with_pillow() -> None:
+    """Teaches Pillow HEIC/HEIF (pillow-heif's opener) when the first such photo is read, once: it changes
+    Pillow's global table of formats, so it is not done on import."""
     pillow_heif.register_heif_opener()
 
 # Extensions that announce an image: such a file that cannot be decoded is reported, not silently ignored.
@@ -131,6 +137,8 @@ def load_image(
         raise UnusableImageError(describe_non_image(header))
     if image_format == "HEIF" and pillow_heif is None:
         raise UnusableImageError("HEIC/HEIF image, and pillow-heif is not installed (pip install pillow-heif)")
+    if image_format == "HEIF":
+        _open_heif_with_pillow()
     if image_format == "AVIF" and not features.check("avif"):
         raise UnusableImageError("AVIF image, and this Pillow has no AVIF support (Pillow >= 11.3 has)")
     try:

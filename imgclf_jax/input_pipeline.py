@@ -13,42 +13,17 @@ import dataclasses
 import logging
 import os
 import socket
-import sys
-import types
 from typing import Any, Iterator, Optional, Sequence
 
 import ml_collections
 import numpy as np
-
-
-def _import_tensorflow() -> types.ModuleType:
-    """`import tensorflow`, without the Keras it imports eagerly at the end ("keras.src.optimizers", for
-    SavedModel registrations we never use): that is all of Keras, plus scikit-learn for Keras's wrappers
-    where it is installed, about 2 s of every command's start-up. A placeholder stands in for that one module
-    while TensorFlow loads and is removed afterwards, so a later `import keras` (or `tf.keras`) loads as usual.
-    """
-    name = "keras.src.optimizers"
-    if "tensorflow" in sys.modules or "keras" in sys.modules or name in sys.modules:
-        import tensorflow
-        return tensorflow
-    placeholder = sys.modules[name] = types.ModuleType(name)
-    try:
-        import tensorflow
-    finally:
-        if sys.modules.get(name) is placeholder:
-            del sys.modules[name]
-    return tensorflow
-
-
-tf = _import_tensorflow()
+import tensorflow as tf
 
 from imgclf_jax import demo_data, folders, image_io
 from imgclf_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# JAX owns the accelerators; tf.data only needs the CPU.
-tf.config.set_visible_devices([], "GPU")
 
 RESIZE_METHODS = ("squash", "crop", "pad")
 # Where TFDS downloads prepared datasets from, looked at before a first download (`load_tfds_source`).

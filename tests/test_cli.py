@@ -97,3 +97,16 @@ def test_version_and_a_recipe_by_name_ignore_the_current_folder(tmp_path):
     assert "imgclf_jax.train: error: data folder no/such/folder does not exist" in result.stderr
     result = _train("--config", "no_such_recipe", cwd=tmp_path)
     assert "no recipe named 'no_such_recipe': choose one of cats_vs_dogs, default, demo, tutorial_cnn" in result.stderr
+
+
+def test_entry_points_load_tensorflow_without_keras_and_keras_still_loads_afterwards():
+    code = ("import sys\n"
+            "from imgclf_jax import cli\n"
+            "assert 'tensorflow' not in sys.modules\n"
+            "cli.prepare_environment([])\n"
+            "from imgclf_jax import input_pipeline\n"
+            "assert 'keras' not in sys.modules and 'keras.src.optimizers' not in sys.modules, 'keras loaded'\n"
+            "from keras.src import optimizers\n"
+            "assert optimizers.Adam and input_pipeline.tf.keras.layers.Dense\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

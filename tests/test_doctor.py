@@ -9,10 +9,9 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from conftest import near_copy, smooth_random_image, write_image
+from helpers import near_copy, smooth_random_image, write_image
 from imgclf_jax import doctor, input_pipeline
 
 

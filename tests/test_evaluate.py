@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import copy_run_with_config, fresh_state, make_class_folder
+from helpers import copy_run_with_config, fresh_state, make_class_folder
 from imgclf_jax import evaluate, inference
 from imgclf_jax.errors import UserError
 

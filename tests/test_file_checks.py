@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import class_image, make_class_folder, write_image
+from helpers import class_image, make_class_folder, write_image
 from imgclf_jax import file_checks, folders
 
 

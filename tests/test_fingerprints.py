@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conftest import near_copy, smooth_random_image
+from helpers import near_copy, smooth_random_image
 from imgclf_jax import fingerprints
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import class_image, make_class_folder, write_image
+from helpers import class_image, make_class_folder, write_image
 from imgclf_jax import folders
 from imgclf_jax.errors import UserError
 

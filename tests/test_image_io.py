@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import class_image, write_image
+from helpers import class_image, write_image
 from imgclf_jax import image_io
 
 
@@ -147,7 +147,7 @@ def test_bomb_header_is_refused_before_decoding_and_scanning_stays_small(tmp_pat
     import subprocess
     import sys
 
-    from conftest import make_class_folder, png_bomb_bytes
+    from helpers import make_class_folder, png_bomb_bytes
 
     bomb = tmp_path / "d" / "x" / "bomb.png"
     make_class_folder(tmp_path / "d", {"x": 3, "y": 3})

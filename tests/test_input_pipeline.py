@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import write_image
+from helpers import write_image
 from imgclf_jax import config_lib, input_pipeline
 from imgclf_jax.errors import UserError
 
@@ -49,16 +47,6 @@ def test_resize_methods_keep_or_ignore_aspect():
     assert pad[0].max() == 0 and pad[4, -1].min() > 245  # Black bars above and below.
     with pytest.raises(UserError, match="unknown resize"):
         input_pipeline.resize_image(wide, 8, "stretch")
-
-
-def test_tensorflow_loads_without_keras_and_keras_still_loads_afterwards():
-    code = ("import sys\n"
-            "from imgclf_jax import input_pipeline\n"
-            "assert 'keras' not in sys.modules and 'keras.src.optimizers' not in sys.modules, 'keras loaded'\n"
-            "from keras.src import optimizers\n"
-            "assert optimizers.Adam and input_pipeline.tf.keras.layers.Dense\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_train_batches_are_a_function_of_seed_and_epoch(two_class_dir):

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from conftest import class_image, write_image
+from helpers import class_image, write_image
 from imgclf_jax import inference, predict
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import copy_run_with_config
+from helpers import copy_run_with_config
 from imgclf_jax import evaluate, report
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import SHARED_DATASETS
+from helpers import SHARED_DATASETS
 from imgclf_jax import folders
 
 

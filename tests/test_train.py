@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -12,107 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import fresh_state
-from imgclf_jax import (augmentation, checkpointing, inference, input_pipeline, losses, mixing, schedule, steps,
-                        time_budget, train, train_state, trainer)
+from helpers import fresh_state
+from imgclf_jax import (checkpointing, inference, input_pipeline, losses, schedule, steps, time_budget, train,
+                        train_state, trainer)
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import REQUIRED_KEYS, read_metrics
-
-
-@pytest.mark.parametrize("loss_kind, num_classes", [("sigmoid", 2), ("softmax", 3)])
-def test_train_step_lowers_the_loss_on_a_batch(tiny_config, loss_kind, num_classes):
-    tiny_config.cnn.batch_norm = True
-    tiny_config.cnn.dropout = 0.1
-    state = fresh_state(tiny_config, losses.num_outputs(loss_kind, num_classes))
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
-             "label": (np.arange(8) % num_classes).astype(np.int32)}
-    step = jax.jit(functools.partial(steps.train_step, loss_kind=loss_kind, label_smoothing=0.0),
-                   donate_argnums=0)
-    state, first = step(state, batch)
-    for _ in range(30):
-        state, last = step(state, batch)
-    assert int(state.step) == 31
-    assert float(last["loss"]) < 0.5 * float(first["loss"])
-    assert float(last["accuracy"]) == 1.0
-
-
-@pytest.mark.parametrize("loss_kind, num_classes", [("sigmoid", 2), ("softmax", 3)])
-def test_mixed_train_step_loss_is_the_lam_weighted_loss_of_both_labels(tiny_config, loss_kind, num_classes):
-    tiny_config.mix.update(mixup_alpha=0.4, cutmix_alpha=1.0)
-    state = fresh_state(tiny_config, losses.num_outputs(loss_kind, num_classes))
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
-             "label": (np.arange(8) % num_classes).astype(np.int32)}
-    step = jax.jit(functools.partial(steps.train_step, loss_kind=loss_kind, label_smoothing=0.1,
-                                     mix_config=tiny_config.mix))
-    _, reported = step(state, batch)
-
-    # The same mix, recomputed from the step's key, scored with the untrained parameters.
-    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
-    mixed = mixing.mix_batch(jax.random.fold_in(dropout_key, steps._MIX_KEY_STREAM), batch["image"],
-                             batch["label"], 0.4, 1.0, 1.0)
-    assert 0.0 < float(mixed.lam) < 1.0
-    logits, _ = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, mixed.images,
-                               train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
-    expected = (float(mixed.lam) * losses.per_example_loss(logits, mixed.labels, loss_kind, 0.1)
-                + (1 - float(mixed.lam)) * losses.per_example_loss(logits, mixed.partner_labels, loss_kind, 0.1))
-    assert float(reported["loss"]) == pytest.approx(float(expected.mean()), rel=1e-5)
-
-    plain = jax.jit(functools.partial(steps.train_step, loss_kind=loss_kind, label_smoothing=0.1))
-    _, unmixed = plain(state, batch)
-    assert float(unmixed["loss"]) != pytest.approx(float(reported["loss"]), rel=1e-3)
-
-
-def test_train_step_trains_on_the_augmented_resized_batch(tiny_config):
-    tiny_config.update(model="cnn")
-    tiny_config.cnn.global_pool = True
-    tiny_config.augment.update(enabled=True, flip=True, crop_area_min=0.5, brightness=0.1)
-    state = fresh_state(tiny_config, 1)
-    batch = {"image": np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
-             "label": (np.arange(8) % 2).astype(np.int32)}
-    step = jax.jit(functools.partial(steps.train_step, loss_kind="sigmoid", label_smoothing=0.0,
-                                     augment_config=tiny_config.augment, image_size=8))
-    _, reported = step(state, batch)
-
-    # The same augmentation, recomputed from the step's key, scored with the untrained parameters.
-    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
-    images = augmentation.training_images(jax.random.fold_in(dropout_key, steps._AUGMENT_KEY_STREAM),
-                                          batch["image"], tiny_config.augment, 8)
-    assert images.shape == (8, 8, 8, 3)
-    logits, _ = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images,
-                               train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
-    expected = losses.per_example_loss(logits, batch["label"], "sigmoid").mean()
-    assert float(reported["loss"]) == pytest.approx(float(expected), rel=1e-5)
-
-    plain = jax.jit(functools.partial(steps.train_step, loss_kind="sigmoid", label_smoothing=0.0))
-    _, unaugmented = plain(state, batch)
-    assert float(unaugmented["loss"]) != pytest.approx(float(reported["loss"]), rel=1e-3)
-
-
-def test_weight_average_follows_each_step_and_is_what_evaluation_uses(tiny_config):
-    tiny_config.cnn.batch_norm = True
-    tiny_config.ema_decay = 0.5
-    state = fresh_state(tiny_config, 1)
-    assert isinstance(state, train_state.EmaTrainState)
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype(np.float32),
-             "label": (np.arange(8) % 2).astype(np.int32)}
-    step = jax.jit(functools.partial(steps.train_step, loss_kind="sigmoid", label_smoothing=0.0, ema_decay=0.5))
-    average = {"params": state.params, "batch_stats": state.batch_stats}
-    for n in range(1, 4):
-        state, _ = step(state, batch)
-        rate = min(0.5, (1 + n) / (10 + n))  # The step number after the update is n.
-        average = jax.tree_util.tree_map(lambda a, x: rate * a + (1 - rate) * x, average,
-                                         {"params": state.params, "batch_stats": state.batch_stats})
-    for a, b in zip(jax.tree_util.tree_leaves(average), jax.tree_util.tree_leaves(state.ema)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    assert not np.allclose(jax.tree_util.tree_leaves(state.ema["params"])[0],
-                           jax.tree_util.tree_leaves(state.params)[0])
-
-    evaluated = steps.eval_step(state, {**batch, "mask": np.ones(8, np.float32)}, "sigmoid")
-    expected = state.apply_fn(state.ema, batch["image"], train=False)
-    np.testing.assert_allclose(evaluated["logits"], expected, rtol=1e-5)
 
 
 def test_run_with_a_weight_average_restores_it_for_prediction(tiny_config, two_class_dir, tmp_path):
@@ -126,28 +29,6 @@ def test_run_with_a_weight_average_restores_it_for_prediction(tiny_config, two_c
     probs = inference.make_predict_fn(run)(images)
     expected = losses.probabilities(run.state.apply_fn(run.state.ema, images, train=False), "sigmoid")
     np.testing.assert_allclose(probs, expected, rtol=1e-5)
-
-
-def test_progressive_resizing_stages(tiny_config):
-    tiny_config.update(image_size=80, epochs=8)
-    assert {schedule.train_image_size(tiny_config, e) for e in range(1, 9)} == {80}
-    tiny_config.progressive.update(start_scale=0.6, stages=4)  # 48 px, then 58.7 and 69.3 px rounded.
-    assert [schedule.train_image_size(tiny_config, e) for e in range(1, 9)] == [48, 48, 56, 56, 72, 72, 80, 80]
-    tiny_config.progressive.stages = 1
-    assert {schedule.train_image_size(tiny_config, e) for e in range(1, 9)} == {80}
-
-
-def test_progressive_stages_of_set_length_leave_the_rest_to_the_last(tiny_config):
-    tiny_config.update(image_size=64, epochs=35, validate_every=100)
-    tiny_config.progressive.update(start_scale=0.5, stages=4)  # 32, 40, 56 and 64 px.
-    assert schedule.last_stage_start(tiny_config) == 28  # Equal stages: epochs 28-35 are the last quarter.
-    tiny_config.progressive.stage_epochs = 10  # As the time budget leaves a shortened last stage.
-    assert [schedule.train_image_size(tiny_config, e) for e in range(1, 36)] == (
-        [32] * 10 + [40] * 10 + [56] * 10 + [64] * 5)
-    assert schedule.last_stage_start(tiny_config) == 31
-    assert [e for e in range(1, 36) if schedule.validates_after(tiny_config, e)] == list(range(31, 36))  # And the last.
-    tiny_config.progressive.start_scale = 0.0
-    assert schedule.last_stage_start(tiny_config) is None
 
 
 @pytest.mark.parametrize("stage_epochs", [-1, 10, 11])
@@ -174,15 +55,6 @@ def test_progressive_run_trains_small_then_full_size(tiny_config, two_class_dir,
     records = train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
     assert [r["train_image_size"] for r in records] == [8, 16]
     assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in records)
-
-
-def test_validate_every_skips_early_epochs_but_never_the_last_stage(tiny_config):
-    tiny_config.update(epochs=8, validate_every=3)
-    assert [e for e in range(1, 9) if schedule.validates_after(tiny_config, e)] == [3, 6, 8]
-    tiny_config.progressive.update(start_scale=0.5, stages=4)  # The last stage is epochs 7 and 8.
-    assert [e for e in range(1, 9) if schedule.validates_after(tiny_config, e)] == [3, 6, 7, 8]
-    tiny_config.validate_every = 1
-    assert all(schedule.validates_after(tiny_config, e) for e in range(1, 9))
 
 
 def test_run_validating_every_other_epoch_keeps_the_best_of_those_and_resumes(tiny_config, two_class_dir,
@@ -233,100 +105,6 @@ def test_checkpoints_are_saved_when_an_epoch_may_be_the_best_when_due_and_at_the
     tiny_config.checkpoint_every_minutes = 0.0  # Due after every epoch.
     train.train_and_evaluate(tiny_config, str(tmp_path / "every"))
     assert saved == [1, 2, 3, 4, 5, 6, 7]
-
-
-def test_training_time_estimate_sums_each_epochs_steps_at_its_size_and_its_validation(tiny_config):
-    tiny_config.update(epochs=8, validate_every=3, image_size=16)
-    tiny_config.progressive.update(start_scale=0.5, stages=4)  # Stages of 8, 8, 16 and 16 px.
-    step_seconds = {8: 1.0, 16: 2.0}
-    # Epochs 1-4 at 8 px and 5-8 at 16 px, 10 steps each plus 0.5 s; validated after epochs 3 and 6 (every
-    # third) and 7 and 8 (the last stage).
-    assert time_budget.estimate_training_seconds(tiny_config, 8, step_seconds, 10, 0.5, 5.0) == pytest.approx(
-        4 * 10.5 + 4 * 20.5 + 4 * 5.0)
-    # Four epochs: one a stage; validated after epoch 3 and the last.
-    assert time_budget.estimate_training_seconds(tiny_config, 4, step_seconds, 10, 0.0, 5.0) == pytest.approx(
-        2 * 10.0 + 2 * 20.0 + 2 * 5.0)
-    assert tiny_config.epochs == 8  # Estimating other epoch counts leaves the config alone.
-
-
-def test_fit_epochs_keeps_whole_stages_and_never_goes_below_one(tiny_config):
-    per_epoch = lambda epochs: 10.0 * epochs
-    tiny_config.update(epochs=30)
-    assert time_budget.fit_epochs(tiny_config, 1000.0, per_epoch) == 30  # All of them fit.
-    assert time_budget.fit_epochs(tiny_config, 125.0, per_epoch) == 12
-    assert time_budget.fit_epochs(tiny_config, 5.0, per_epoch) == 1  # Nothing fits: the least there is.
-    tiny_config.progressive.update(start_scale=0.5, stages=4)
-    assert time_budget.fit_epochs(tiny_config, 125.0, per_epoch) == 12
-    assert time_budget.fit_epochs(tiny_config, 119.0, per_epoch) == 8  # A multiple of the 4 stages.
-    assert time_budget.fit_epochs(tiny_config, 5.0, per_epoch) == 4
-    assert time_budget.fit_epochs(tiny_config, 300.0, per_epoch) == 30  # The most asked for, even if not a multiple.
-    assert time_budget.fit_epochs(tiny_config, 299.0, per_epoch) == 28
-
-
-def test_refit_epochs_cuts_the_plan_to_the_pace_of_real_epochs(tiny_config):
-    one_second_an_epoch = lambda config, epochs, first_epoch=1, last_epoch=None: float(
-        (epochs if last_epoch is None else last_epoch) - first_epoch + 1)
-    tiny_config.update(epochs=40, image_size=64)
-    tiny_config.progressive.update(start_scale=0.5, stages=4)  # 32, 40, 56 and 64 px.
-    paced = range(2, 5)  # Epochs 2-4, estimated at 3 s.
-    refit = lambda seconds_left, paced_seconds: time_budget.refit_epochs(
-        tiny_config, seconds_left, paced, paced_seconds, one_second_an_epoch)
-    # At the estimated pace epochs 5-40 need 36 s, plus the 5% margin.
-    assert refit(100.0, 3.0) == 40
-    # Twice as slow: 2 * 1.05 * (E - 4) s must fit in 60 s, so E = 32 (a multiple of the 4 stages).
-    assert refit(60.0, 6.0) == 32
-    # Faster than timed counts as on time: 1.05 * (E - 4) <= 30 gives 32, not 40.
-    assert refit(30.0, 1.5) == 32
-    # Nothing fits: the fewest epochs that keep epochs 1-4 in the first stage (they trained at 32 px).
-    assert refit(1.0, 6.0) == 16
-    tiny_config.progressive.start_scale = 0.0  # Without stages any count will do: 2.1 * (E - 4) <= 20.
-    assert refit(20.0, 6.0) == 13
-    # Counting half of the lag: 1.05 * 1.5 * (E - 4) <= 20 gives 16 (all of it, above: 13).
-    assert time_budget.refit_epochs(tiny_config, 20.0, paced, 6.0, one_second_an_epoch, lag_share=0.5) == 16
-    assert tiny_config.epochs == 40  # Left for the caller to change.
-
-
-def test_fit_last_stage_shortens_the_last_stage_to_the_pace_of_the_one_before(tiny_config):
-    tiny_config.update(epochs=40, image_size=64)
-    tiny_config.progressive.update(start_scale=0.5, stages=4)  # Stages of 10 epochs; the last is 31-40.
-
-    def one_second_an_epoch(config, epochs, first_epoch=1, last_epoch=None):
-        # Shorter plans are estimated with the stages before the last kept at 10 epochs each.
-        assert config.progressive.stage_epochs == 10 and first_epoch == 31
-        return float((epochs if last_epoch is None else last_epoch) - first_epoch + 1)
-
-    fit = lambda seconds_left, pace: time_budget.fit_last_stage(tiny_config, seconds_left, pace, one_second_an_epoch)
-    assert fit(100.0, 1.0) == 40  # The plan fits: 1.05 * 10 s.
-    assert fit(15.0, 2.0) == 37  # 2.1 s an epoch: 7 fit in 15 s.
-    assert fit(5.0, 0.5) == 34  # Faster than timed counts as on time: 1.05 s an epoch.
-    assert fit(0.1, 2.0) == 31  # Nothing fits: one epoch of the last stage.
-    # Up to `most_epochs` (the config's most, of which the time budget planned 40), a last stage that fits
-    # with time to spare is lengthened to the most epochs that fit.
-    longer = lambda seconds_left, pace: time_budget.fit_last_stage(tiny_config, seconds_left, pace, one_second_an_epoch,
-                                                             most_epochs=60)
-    assert longer(21.0, 1.0) == 50  # 20 epochs of 1.05 s fit in 21 s.
-    assert longer(1000.0, 1.0) == 60  # Never past most_epochs.
-    assert longer(15.0, 2.0) == 37  # Short of time, it shortens as without.
-    assert time_budget.fit_last_stage(tiny_config, 1000.0, 1.0, one_second_an_epoch, most_epochs=20) == 40
-    assert tiny_config.epochs == 40 and tiny_config.progressive.stage_epochs == 0  # Left for the caller.
-
-
-@pytest.mark.parametrize("epochs", [37, 50])
-def test_a_re_planned_last_stage_keeps_the_learning_rate_continuous(tiny_config, epochs):
-    # Stages of 10 epochs planned for 40; the time budget made the last stage 7 or 20 epochs long.
-    tiny_config.update(lr_schedule="cosine", warmup_epochs=1.0, epochs=40, learning_rate=0.1)
-    tiny_config.progressive.update(start_scale=0.5, stages=4)
-    planned = schedule.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
-    tiny_config.update(epochs=epochs)
-    tiny_config.progressive.stage_epochs = 10
-    re_planned = schedule.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
-    for step in (0, 10, 150, 299, 300):  # The stages before the last: the plan they were trained under.
-        assert float(re_planned(step)) == pytest.approx(float(planned(step)), rel=1e-6)
-    # The last stage decays from there (about 0.15 of the peak) to zero at its own end, without a jump.
-    assert float(re_planned(301)) == pytest.approx(float(planned(300)), rel=1e-3)
-    halfway = 300 + (epochs - 30) * 5
-    assert float(re_planned(halfway)) == pytest.approx(float(planned(300)) / 2, rel=1e-6)
-    assert float(re_planned(epochs * 10)) == pytest.approx(0.0, abs=1e-9)
 
 
 def _train_slower_than_timed(tiny_config, two_class_dir, tmp_path, caplog, monkeypatch):
@@ -448,39 +226,6 @@ def test_a_generous_time_budget_trains_every_epoch(tiny_config, two_class_dir, t
     assert [r["epoch"] for r in records] == [1, 2, 3]
 
 
-def test_learning_rate_schedules(tiny_config):
-    tiny_config.update(lr_schedule="cosine", warmup_epochs=1.0, epochs=4, learning_rate=0.1)
-    lr = schedule.create_learning_rate_fn(tiny_config, steps_per_epoch=10)
-    assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(0.1)
-    assert float(lr(25)) == pytest.approx(0.05, rel=1e-3) and float(lr(40)) == pytest.approx(0.0, abs=1e-7)
-    tiny_config.update(lr_schedule="constant", warmup_epochs=0.0)
-    assert float(schedule.create_learning_rate_fn(tiny_config, 10)(37)) == pytest.approx(0.1)
-
-
-def test_sgd_step_is_nesterov_momentum_with_l2_on_weights_only(tiny_config):
-    tiny_config.update(optimizer="sgd", momentum=0.9, weight_decay=0.01, learning_rate=0.1)
-    optimizer = train_state.create_optimizer(tiny_config, schedule.create_learning_rate_fn(tiny_config, 10))
-    params = {"kernel": np.full((2, 2), 2.0, np.float32), "bias": np.full((2,), 2.0, np.float32)}
-    grads = {"kernel": np.full((2, 2), 0.5, np.float32), "bias": np.full((2,), 0.5, np.float32)}
-    updates, _ = optimizer.update(grads, optimizer.init(params), params)
-    # First step: momentum buffer m = g (+ 0.01 * p for weights); Nesterov steps by lr * (g + 0.9 * m).
-    np.testing.assert_allclose(updates["kernel"], -0.1 * 1.9 * (0.5 + 0.01 * 2.0), rtol=1e-6)
-    np.testing.assert_allclose(updates["bias"], -0.1 * 1.9 * 0.5, rtol=1e-6)
-
-
-def test_evaluation_counts_each_example_once_whatever_the_batch_size(tiny_config, two_class_dir):
-    state = fresh_state(tiny_config, 1)
-    source = input_pipeline.load_folder_source(str(two_class_dir), 0.2, 0, 16, 10**8)
-    prepared = input_pipeline.prepare(source.splits["validation"], 16, "squash", cache=True)
-    eval_fn = jax.jit(functools.partial(steps.eval_step, loss_kind="sigmoid"))
-    results = [steps.evaluate_batches(eval_fn, state, input_pipeline.eval_batches(prepared, bs))
-               for bs in (3, 16, 50)]
-    assert all(r["num_examples"] == 16 for r in results)
-    for r in results[1:]:
-        assert r["accuracy"] == results[0]["accuracy"]
-        assert r["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
-
-
 def test_two_epoch_run_writes_every_output_then_resumes(tiny_config, two_class_dir, tmp_path, caplog):
     tiny_config.data_dir = str(two_class_dir)
     workdir = tmp_path / "work"
@@ -595,7 +340,7 @@ def test_workdir_of_other_classes_is_refused(tiny_config, two_class_dir, tmp_pat
 
 
 def test_unusable_files_are_skipped_named_or_fatal_with_strict(tiny_config, two_class_dir, tmp_path):
-    from conftest import png_bomb_bytes
+    from helpers import png_bomb_bytes
 
     train_dir = two_class_dir / "train"
     (train_dir / "cats" / "page.jpg").write_text("<!DOCTYPE html><html>Access denied</html>")
