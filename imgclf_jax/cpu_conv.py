@@ -41,6 +41,21 @@ _TARGETS = {
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
+def cpu_has_avx2_fma() -> bool:
+    """Whether the operating system reports AVX2 and FMA for this CPU (/proc/cpuinfo on Linux, sysctl on
+    macOS); False where it cannot tell."""
+    try:
+        if platform.system() == "Linux":
+            with open("/proc/cpuinfo") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return "avx2" in flags and "fma" in flags
+        features = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+                                  capture_output=True, text=True, timeout=10).stdout.upper().split()
+        return "AVX2" in features and "FMA" in features
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def _compiler() -> Optional[str]:
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):
@@ -84,13 +99,26 @@ def _build(compiler: str, include_dir: str) -> Path:
 _registered: Optional[ctypes.CDLL] = None
 
 
+# Set to 0 to keep XLA's own convolutions (the kernels are then never compiled or loaded).
+ENABLE_ENV = "IMGCLF_NATIVE_KERNELS"
+
+
 @functools.cache
 def available() -> bool:
-    """True once the kernels are compiled, loaded and registered with XLA for the CPU (at most once a process)."""
+    """True once the kernels are compiled, loaded and registered with XLA for the CPU (at most once a process).
+
+    The one way in to them: the CPU's AVX2/FMA support is read from the operating system before the library,
+    whose static initialisers are AVX2 code, is loaded."""
     global _registered
     if _registered is not None:
         return True
+    if os.environ.get(ENABLE_ENV, "1") == "0":
+        log.info("%s=0: XLA's own CPU convolutions are used", ENABLE_ENV)
+        return False
     if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() not in ("Linux", "Darwin"):
+        return False
+    if not cpu_has_avx2_fma():
+        log.info("this CPU lacks AVX2/FMA: XLA's own CPU convolutions are used")
         return False
     compiler = _compiler()
     if compiler is None or not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):

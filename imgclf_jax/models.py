@@ -24,8 +24,10 @@ DTYPES = ("float32", "bfloat16")
 # The ResNet's nonlinearity (`resnet.activation`), for each of config_lib.RESNET_ACTIVATIONS.
 ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu}
 
-# Every model takes `conv_impl`, resolved ('xla', 'native' or 'matmul_grad'; see `resolve_conv_impl`).
+# The CNNs take `conv_impl`, resolved ('xla', 'native' or 'matmul_grad'; see `resolve_conv_impl`), as their
+# fused conv + ReLU + pool blocks need it; the ResNet takes its convolution layer (`conv`) itself.
 ConvFn = Optional[Callable[..., jax.Array]]
+ModuleDef = Any
 
 
 def _conv_layer(conv_impl: str, dtype: Any, **kwargs: Any):
@@ -115,21 +117,21 @@ class ResidualBlock(nn.Module):
     2019, "Bag of Tricks") instead of a stride-2 1x1 conv that reads only a quarter of its input positions.
     `drop_path`: in training, the chance that a photo skips the block's residual branch (stochastic depth, Huang
     et al. 2016: a regulariser for long training; the kept branches are scaled up to keep the expected sum).
-    `activation`: a key of ACTIVATIONS."""
+    `conv`: the convolution layer (nn.Conv, or it with another convolution function and dtype); `act`: the
+    nonlinearity."""
 
     filters: int
     strides: int = 1
-    conv_impl: str = "xla"
+    conv: ModuleDef = nn.Conv
+    act: Callable[[jax.Array], jax.Array] = nn.relu
     dtype: Any = jnp.float32
     avg_pool_shortcut: bool = False
     drop_path: float = 0.0
-    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        act = ACTIVATIONS[self.activation]
+        act, conv_layer = self.act, self.conv
         norm = functools.partial(_batch_norm, train, self.dtype)
-        conv_layer = _conv_layer(self.conv_impl, self.dtype)
         residual = x
         y = conv_layer(self.filters, (3, 3), (self.strides, self.strides), padding="SAME", use_bias=False)(x)
         y = act(norm()(y))
@@ -151,8 +153,8 @@ class ResNet(nn.Module):
     """Small ResNet: a strided 3x3 stem (optionally followed by a 2x2 max-pool, as ImageNet ResNets do, so
     the blocks cost the same at twice the input size), stages of residual blocks (stride 2 between stages),
     global pool. `avg_pool_shortcut`: see ResidualBlock. `drop_path`: the last block's stochastic-depth rate,
-    rising linearly from 0 at the first block (as in Huang et al. and timm). `activation`: a key of ACTIVATIONS
-    (ReLU, or SiLU as in EfficientNet)."""
+    rising linearly from 0 at the first block (as in Huang et al. and timm). `conv` and `act` as for
+    ResidualBlock (`act`: ReLU, or SiLU as in EfficientNet)."""
 
     num_outputs: int
     stage_sizes: Sequence[int] = (1, 1, 1, 1)
@@ -160,17 +162,17 @@ class ResNet(nn.Module):
     stem_strides: int = 2
     stem_pool: bool = False
     dropout: float = 0.0
-    conv_impl: str = "xla"
+    conv: ModuleDef = nn.Conv
+    act: Callable[[jax.Array], jax.Array] = nn.relu
     dtype: Any = jnp.float32
     avg_pool_shortcut: bool = False
     drop_path: float = 0.0
-    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = _conv_layer(self.conv_impl, self.dtype)(self.widths[0], (3, 3), (self.stem_strides, self.stem_strides),
-                                               padding="SAME", use_bias=False)(x.astype(self.dtype))
-        x = ACTIVATIONS[self.activation](_batch_norm(train, self.dtype)(x))
+        x = self.conv(self.widths[0], (3, 3), (self.stem_strides, self.stem_strides), padding="SAME",
+                      use_bias=False)(x.astype(self.dtype))
+        x = self.act(_batch_norm(train, self.dtype)(x))
         if self.stem_pool:
             x = pooling.max_pool(x, (2, 2))
         block_count = sum(self.stage_sizes)
@@ -180,8 +182,8 @@ class ResNet(nn.Module):
                 strides = 2 if stage > 0 and block == 0 else 1
                 drop_path = self.drop_path * block_index / max(block_count - 1, 1)
                 block_index += 1
-                x = ResidualBlock(width, strides, self.conv_impl, self.dtype, self.avg_pool_shortcut,
-                                  drop_path, self.activation)(x, train)
+                x = ResidualBlock(width, strides=strides, conv=self.conv, act=self.act, dtype=self.dtype,
+                                  avg_pool_shortcut=self.avg_pool_shortcut, drop_path=drop_path)(x, train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_outputs)(x)
@@ -228,17 +230,20 @@ def create_model(config: ml_collections.ConfigDict, num_outputs: int) -> nn.Modu
     conv_impl = resolve_conv_impl(config.conv_impl)
     dtype = compute_dtype(config.dtype)
     if name == "tutorial_cnn":
-        return TutorialCNN(num_outputs, conv_impl, dtype)
+        return TutorialCNN(num_outputs=num_outputs, conv_impl=conv_impl, dtype=dtype)
     if name == "cnn":
         c = config.cnn
-        return CNN(num_outputs, tuple(c.filters), c.convs_per_block, c.batch_norm, c.dense_units,
-                   c.dropout, c.global_pool, conv_impl, dtype)
+        return CNN(num_outputs=num_outputs, filters=tuple(c.filters), convs_per_block=c.convs_per_block,
+                   batch_norm=c.batch_norm, dense_units=c.dense_units, dropout=c.dropout, global_pool=c.global_pool,
+                   conv_impl=conv_impl, dtype=dtype)
     if name == "resnet":
         c = config.resnet
         if len(c.stage_sizes) != len(c.widths):
             raise UserError("resnet.stage_sizes and resnet.widths must have the same length")
-        return ResNet(num_outputs, tuple(c.stage_sizes), tuple(c.widths), c.stem_strides, c.stem_pool,
-                      c.dropout, conv_impl, dtype, c.avg_pool_shortcut, c.drop_path, c.activation)
+        return ResNet(num_outputs=num_outputs, stage_sizes=tuple(c.stage_sizes), widths=tuple(c.widths),
+                      stem_strides=c.stem_strides, stem_pool=c.stem_pool, dropout=c.dropout,
+                      conv=_conv_layer(conv_impl, dtype), act=ACTIVATIONS[c.activation], dtype=dtype,
+                      avg_pool_shortcut=c.avg_pool_shortcut, drop_path=c.drop_path)
     raise UserError(f"unknown model '{name}' (choose from {', '.join(MODEL_NAMES)})")
 
 

@@ -225,3 +225,30 @@ def test_conv_relu_pool_without_native_kernels_is_the_unfused_layers():
     for impl in ("xla", "matmul_grad"):
         np.testing.assert_allclose(conv.conv_relu_pool(x, kernel, bias, impl), _unfused_block(x, kernel, bias),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cause", ["switched off", "no AVX2"])
+def test_the_kernels_are_never_loaded_when_switched_off_or_on_a_cpu_without_avx2(monkeypatch, cause):
+    loads = []
+    monkeypatch.setattr(cpu_conv.ctypes.cdll, "LoadLibrary", lambda path: loads.append(path))
+    monkeypatch.setattr(cpu_conv, "_registered", None)  # As in a process that has not loaded them yet.
+    if cause == "switched off":
+        monkeypatch.setenv(cpu_conv.ENABLE_ENV, "0")
+    else:
+        monkeypatch.setattr(cpu_conv, "cpu_has_avx2_fma", lambda: False)
+    cpu_conv.available.cache_clear()
+    try:
+        assert not cpu_conv.available()
+        assert models.resolve_conv_impl("auto") != "native"
+    finally:
+        cpu_conv.available.cache_clear()
+    assert loads == []
+
+
+def test_the_cpu_check_reads_this_machines_flags():
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        pytest.skip("reads /proc/cpuinfo of an x86-64 Linux machine")
+    flags = open("/proc/cpuinfo").read()
+    assert cpu_conv.cpu_has_avx2_fma() == (" avx2" in flags and " fma" in flags)

@@ -155,13 +155,13 @@ def test_drop_path_skips_the_residual_branch_for_whole_photos_in_training_only()
 def test_resnet_silu_activation_changes_the_function_not_the_parameters():
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
     relu_net = models.ResNet(2, stage_sizes=(1, 1), widths=(8, 16))
-    silu_net = models.ResNet(2, stage_sizes=(1, 1), widths=(8, 16), activation="silu")
+    silu_net = models.ResNet(2, stage_sizes=(1, 1), widths=(8, 16), act=nn.silu)
     variables = _init(relu_net, 16)
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(_init(silu_net, 16))
     assert not jnp.allclose(relu_net.apply(variables, x), silu_net.apply(variables, x))
     config = config_lib.load_config_file("default")
     config.resnet.activation = "silu"
-    assert models.create_model(config, 1).activation == "silu"
+    assert models.create_model(config, 1).act is nn.silu
     assert set(models.ACTIVATIONS) == set(config_lib.RESNET_ACTIVATIONS)  # Every name validate accepts builds.
 
 
