@@ -8,21 +8,16 @@ in imgclf_jax/configs/ and are chosen by name (`--config cats_vs_dogs`); a user'
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
 import os
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import ml_collections
 
 from imgclf_jax import image_io
 from imgclf_jax.errors import UserError
-from imgclf_jax.metrics import finite_or_null
 
 TTA_MODES = ("none", "flip", "flip_scale")  # Test-time augmentations: imgclf_jax.inference.make_predict_fn.
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 
 # The ResNet's nonlinearities by name (`resnet.activation`); models.ACTIVATIONS maps each to its function.
@@ -152,53 +147,6 @@ def check_tta(config: ml_collections.ConfigDict, tta: str, name: str) -> None:
                         f"cnn.global_pool=True), not '{config.model}'; use flip")
 
 
-def recipe_names() -> list[str]:
-    """The shipped recipes' names (`--config NAME`)."""
-    return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.name.startswith("_"))
-
-
-def find_config_file(name_or_path: str) -> str:
-    """The recipe file for `--config`: a shipped recipe by name ('cats_vs_dogs'), or a file by path (anything
-    with a '/' or ending in '.py'). A name is only ever looked up among the shipped recipes, so a stray file
-    of that name in the current folder never runs in its place."""
-    if os.sep in name_or_path or "/" in name_or_path or name_or_path.endswith(".py"):
-        if Path(name_or_path).is_file():
-            return str(Path(name_or_path))
-        raise UserError(f"config file {name_or_path} does not exist (the shipped recipes, by name: "
-                        f"{', '.join(recipe_names())})")
-    if name_or_path in recipe_names():
-        return str(CONFIGS_DIR / f"{name_or_path}.py")
-    raise UserError(f"no recipe named '{name_or_path}': choose one of {', '.join(recipe_names())}, or give "
-                    "the path of your own recipe file (e.g. ./my_recipe.py)")
-
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Runs a recipe's `get_config()` (`find_config_file`); lets one start from another (e.g. 'default')."""
-    resolved = find_config_file(path)
-    spec = importlib.util.spec_from_file_location(f"imgclf_config_{Path(resolved).stem}", resolved)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def default_config_argv(argv: Sequence[str]) -> list[str]:
-    """Resolves `--config` to a file; when none is given, adds the 'demo' recipe with no data flags, else
-    'default'."""
-    argv = list(argv)
-    names = [a.split("=", 1)[0] for a in argv[1:]]
-    if "--config" in names:
-        i = names.index("--config") + 1
-        if "=" in argv[i]:
-            flag, value = argv[i].split("=", 1)
-            argv[i] = f"{flag}={find_config_file(value)}"
-        elif i + 1 < len(argv):
-            argv[i + 1] = find_config_file(argv[i + 1])
-        return argv
-    has_data = any(n in ("--data_dir", "--dataset") for n in names)
-    default = CONFIGS_DIR / ("default.py" if has_data else "demo.py")
-    return argv[:1] + [f"--config={default}"] + argv[1:]
-
-
 def apply_overrides(config: ml_collections.ConfigDict, **overrides: Any) -> None:
     """Applies plain-flag overrides (None = not given). A data flag replaces the config's data source."""
     for key, value in overrides.items():
@@ -278,102 +226,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"mix.prob must be in [0, 1] (got {config.mix.prob!r})")
     if not 0.0 <= config.augment.crop_area_min <= 1.0 or config.augment.crop_area_min == 0.0:
         raise UserError(f"augment.crop_area_min must be in (0, 1] (got {config.augment.crop_area_min!r})")
-
-
-def to_json_dict(config: ml_collections.ConfigDict) -> dict:
-    return json.loads(config.to_json_best_effort())
-
-
-def write_json(path: str, value: Any, sort_keys: bool = False) -> None:
-    """Writes `value` as indented JSON atomically (a reader never sees a half-written file)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(finite_or_null(value), f, indent=2, sort_keys=sort_keys, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _saved_form(config: ml_collections.ConfigDict) -> dict:
-    """The config as saved: JSON types, with folders made absolute so evaluate/report work from anywhere."""
-    data = to_json_dict(config)
-    for key in ("data_dir", "tfds_data_dir"):
-        if data.get(key):
-            data[key] = os.path.abspath(os.path.expanduser(data[key]))
-    return data
-
-
-def save_config(config: ml_collections.ConfigDict, path: str) -> None:
-    """Saves the resolved config (see `_saved_form`)."""
-    write_json(path, _saved_form(config), sort_keys=True)
-
-
-def changes_from_saved(path: str, config: ml_collections.ConfigDict) -> list[str]:
-    """'field: saved -> now' for every field in which `config` differs from the one saved at `path`. A field
-    that an older version did not save counts as its default here."""
-    try:
-        with open(path) as f:
-            saved = _flatten(json.load(f))
-    except (OSError, ValueError) as e:
-        return [f"{path} could not be read ({e})"]
-    saved = {**_flatten(_saved_form(base_config())), **saved}
-    now = _flatten(_saved_form(config))
-    return [f"{key}: {saved.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
-            for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-class DamagedFile(UserError):
-    """A file of a work directory that cannot be read or does not hold what it should."""
-
-
-def read_json(path: str, kind: type = object) -> Any:
-    """The JSON value in `path`, which must be a `kind`; a DamagedFile naming the file otherwise."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise DamagedFile(f"{path} cannot be read ({reason})") from None
-    if not isinstance(value, kind):
-        raise DamagedFile(f"{path} is damaged: it holds a JSON {type(value).__name__}, not a {kind.__name__}")
-    return value
-
-
-def read_class_names(path: str) -> list[str]:
-    """The class names a run saved (classes.json), checked to be a list of names."""
-    names = read_json(path, list)
-    if not names or not all(isinstance(name, str) for name in names):
-        raise DamagedFile(f"{path} is damaged: it should list the class names, and holds {str(names)[:100]}")
-    return names
-
-
-def load_saved_config(path: str) -> ml_collections.ConfigDict:
-    """The resolved config a run saved as JSON (no code is executed to read it)."""
-    data = read_json(path, dict)
-    config = base_config()
-    config.unlock()
-    try:
-        config.update(_tuples(data))
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise DamagedFile(f"{path} is damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return config
-
-
-def _tuples(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
 
 
 def default_workdir(config: ml_collections.ConfigDict, workdir: Optional[str]) -> str:

@@ -28,6 +28,7 @@ import tqdm
 from PIL import Image
 
 from imgclf_jax import cli, config_lib, fingerprints, folders, image_io
+from imgclf_jax import workdir as workdir_lib
 from imgclf_jax.errors import UserError
 
 IMBALANCE_RATIO = 1.5  # Largest class / smallest class (per split) above this is worth a warning.
@@ -224,7 +225,7 @@ def main(argv: Sequence[str]) -> Optional[dict[str, Any]]:
     print(format_findings(findings))
     try:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-        config_lib.write_json(FLAGS.output, findings)
+        workdir_lib.write_json(FLAGS.output, findings)
     except OSError as e:
         raise UserError(f"cannot write {FLAGS.output}: {e.strerror or e}") from None
     print(f"\nWrote {FLAGS.output}")

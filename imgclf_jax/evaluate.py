@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from imgclf_jax import cli, config_lib, folders, inference, input_pipeline, plotting
+from imgclf_jax import workdir as workdir_lib
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import classification_report
 from imgclf_jax.steps import evaluate_batches
@@ -136,7 +137,7 @@ def evaluate(
         "tta": tta, "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
     })
     json_path = os.path.join(workdir, f"eval_{name}.json")
-    config_lib.write_json(json_path, report)
+    workdir_lib.write_json(json_path, report)
     png_path = os.path.join(workdir, f"confusion_matrix_{name}.png")
     plotting.plot_confusion_matrix(report["confusion_matrix"], run.class_names, png_path,
                                    f"{name}: accuracy {report['accuracy']:.4f} (n={report['num_examples']})")

@@ -17,10 +17,11 @@ import ml_collections
 import numpy as np
 
 from imgclf_jax import augmentation, checkpointing, config_lib, losses, models, xla_cpu
+from imgclf_jax import workdir as workdir_lib
 from imgclf_jax.schedule import create_learning_rate_fn
 from imgclf_jax.train_state import TrainState, abstract_train_state, all_finite, create_optimizer, eval_variables
-from imgclf_jax.workdir import CHECKPOINTS_DIR, CLASSES_FILE, CONFIG_FILE
 from imgclf_jax.errors import UserError
+from imgclf_jax.workdir import CHECKPOINTS_DIR, CLASSES_FILE, CONFIG_FILE
 
 
 @dataclasses.dataclass
@@ -42,8 +43,8 @@ def load_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
         raise UserError(f"work directory {workdir} does not exist")
     if not (os.path.isfile(config_path) and os.path.isfile(classes_path)):
         raise UserError(f"{workdir} is not a training work directory (no config.json / classes.json)")
-    config = config_lib.load_saved_config(config_path)
-    class_names = config_lib.read_class_names(classes_path)
+    config = workdir_lib.load_saved_config(config_path)
+    class_names = workdir_lib.read_class_names(classes_path)
     loss_kind = losses.resolve_loss(config.loss, len(class_names))
     model = models.create_model(config, losses.num_outputs(loss_kind, len(class_names)))
     optimizer = create_optimizer(config, create_learning_rate_fn(config, steps_per_epoch=1))

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from imgclf_jax import cli, config_lib, parallel, plotting, report, trainer
+from imgclf_jax import cli, config_lib, parallel, plotting, recipes, report, trainer
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import best_record
 from imgclf_jax.workdir import CURVES_FILE
@@ -113,7 +113,7 @@ def main(argv) -> None:
 
 def run() -> None:
     _define_flags()
-    cli.run("imgclf_jax.train", main, lambda: config_lib.default_config_argv(sys.argv))
+    cli.run("imgclf_jax.train", main, lambda: recipes.default_config_argv(sys.argv))
 
 
 if __name__ == "__main__":

@@ -108,19 +108,19 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
         state = _fresh_state(config, run)
         restored = checkpointer.restore(state)
         if is_main:
-            config_lib.write_json(os.path.join(workdir, workdir_lib.CLASSES_FILE), class_names)
+            workdir_lib.write_json(os.path.join(workdir, workdir_lib.CLASSES_FILE), class_names)
             workdir_lib.write_skipped(workdir, run.source.skipped)
         budget = None
         if config.time_budget_minutes and restored is not None and os.path.exists(config_path):
-            saved = config_lib.load_saved_config(config_path)
+            saved = workdir_lib.load_saved_config(config_path)
             config.epochs, config.progressive.stage_epochs = saved.epochs, saved.progressive.stage_epochs
             log.info("Time budget: resuming, so the run keeps the %d epochs it planned at its start.", config.epochs)
         elif config.time_budget_minutes:
             budget = time_budget.TimeBudget(config.time_budget_minutes, run_start, clock)
             config.epochs = budget.plan(config, measure_costs(config, run, _fresh_state(config, run), clock))
-        config_changes = config_lib.changes_from_saved(config_path, config) if os.path.exists(config_path) else []
+        config_changes = workdir_lib.changes_from_saved(config_path, config) if os.path.exists(config_path) else []
         if is_main:
-            config_lib.save_config(config, config_path)
+            workdir_lib.save_config(config, config_path)
         learning_rate_fn = create_learning_rate_fn(config, run.steps_per_epoch)
         # The optimizer's state does not depend on the schedule, which the time budget may have re-planned.
         state = state.replace(tx=create_optimizer(config, learning_rate_fn))
@@ -168,7 +168,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
                     learning_rate_fn = create_learning_rate_fn(config, run.steps_per_epoch)
                     state = state.replace(tx=create_optimizer(config, learning_rate_fn))  # Compiles anew.
                     if is_main:
-                        config_lib.save_config(config, config_path)  # A resume keeps this plan.
+                        workdir_lib.save_config(config, config_path)  # A resume keeps this plan.
         finally:
             checkpointer.wait_until_finished()  # The last good checkpoint is on disk, whatever stopped the loop.
     return TrainResult(read_metrics(workdir) if is_main else [], config, class_names, run.source.description,

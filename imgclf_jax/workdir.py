@@ -1,5 +1,6 @@
-"""A training run's work directory: the names of its files, making it, checking that it fits the data, and the
-lock that keeps it to one run at a time.
+"""A training run's work directory: the names of its files, reading and writing them (JSON, atomically; a
+damaged file is named in one error), making it, checking that it fits the data, and the lock that keeps it to
+one run at a time.
 
 The lock is `fcntl.flock` on WORKDIR/.imgclf.lock, which the kernel releases when its process ends however it
 ends (kill -9 included), so a lock left by a killed run is taken over without asking. Where the filesystem
@@ -12,13 +13,17 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
+import json
 import logging
 import os
 import socket
 import tempfile
-from typing import Optional
+from typing import Any, Optional
+
+import ml_collections
 
 from imgclf_jax import config_lib, folders
+from imgclf_jax.metrics import finite_or_null
 from imgclf_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,8 +41,8 @@ def check_classes(workdir: str, class_names: list[str]) -> None:
     path = os.path.join(workdir, CLASSES_FILE)
     if os.path.exists(path):
         try:
-            saved = config_lib.read_class_names(path)
-        except config_lib.DamagedFile as e:  # Rewritten once the checkpoints (their shapes) prove compatible.
+            saved = read_class_names(path)
+        except DamagedFile as e:  # Rewritten once the checkpoints (their shapes) prove compatible.
             log.warning("%s; it is written anew.", e)
             return
         if saved != class_names:
@@ -79,6 +84,102 @@ def write_skipped(workdir: str, skipped: list[tuple[str, str]]) -> None:
         log.warning("  %s: %s", folders.display_path(p), reason)
     if len(skipped) > 10:
         log.warning("  ... and %d more", len(skipped) - 10)
+
+
+class DamagedFile(UserError):
+    """A file of a work directory that cannot be read or does not hold what it should."""
+
+
+def read_json(path: str, kind: type = object) -> Any:
+    """The JSON value in `path`, which must be a `kind`; a DamagedFile naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise DamagedFile(f"{path} cannot be read ({reason})") from None
+    if not isinstance(value, kind):
+        raise DamagedFile(f"{path} is damaged: it holds a JSON {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def read_class_names(path: str) -> list[str]:
+    """The class names a run saved (classes.json), checked to be a list of names."""
+    names = read_json(path, list)
+    if not names or not all(isinstance(name, str) for name in names):
+        raise DamagedFile(f"{path} is damaged: it should list the class names, and holds {str(names)[:100]}")
+    return names
+
+
+def to_json_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def write_json(path: str, value: Any, sort_keys: bool = False) -> None:
+    """Writes `value` as indented JSON atomically (a reader never sees a half-written file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(finite_or_null(value), f, indent=2, sort_keys=sort_keys, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _saved_form(config: ml_collections.ConfigDict) -> dict:
+    """The config as saved: JSON types, with folders made absolute so evaluate/report work from anywhere."""
+    data = to_json_dict(config)
+    for key in ("data_dir", "tfds_data_dir"):
+        if data.get(key):
+            data[key] = os.path.abspath(os.path.expanduser(data[key]))
+    return data
+
+
+def save_config(config: ml_collections.ConfigDict, path: str) -> None:
+    """Saves the resolved config (see `_saved_form`)."""
+    write_json(path, _saved_form(config), sort_keys=True)
+
+
+def changes_from_saved(path: str, config: ml_collections.ConfigDict) -> list[str]:
+    """'field: saved -> now' for every field in which `config` differs from the one saved at `path`. A field
+    that an older version did not save counts as its default here."""
+    try:
+        with open(path) as f:
+            saved = _flatten(json.load(f))
+    except (OSError, ValueError) as e:
+        return [f"{path} could not be read ({e})"]
+    saved = {**_flatten(_saved_form(config_lib.base_config())), **saved}
+    now = _flatten(_saved_form(config))
+    return [f"{key}: {saved.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
+            for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_saved_config(path: str) -> ml_collections.ConfigDict:
+    """The resolved config a run saved as JSON (no code is executed to read it)."""
+    data = read_json(path, dict)
+    config = config_lib.base_config()
+    config.unlock()
+    try:
+        config.update(_tuples(data))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise DamagedFile(f"{path} is damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return config
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
 
 
 class WorkdirInUse(UserError):

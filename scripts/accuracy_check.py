@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
-from imgclf_jax import cli, config_lib, evaluate, metrics, train  # noqa: E402
+from imgclf_jax import cli, config_lib, evaluate, metrics, recipes, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -71,4 +71,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    cli.run("accuracy_check", main, lambda: config_lib.default_config_argv(sys.argv))
+    cli.run("accuracy_check", main, lambda: recipes.default_config_argv(sys.argv))

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgclf_jax import config_lib, input_pipeline, losses, models, parallel, schedule, steps, train_state, xla_cpu
+from imgclf_jax import (input_pipeline, losses, models, parallel, recipes, schedule, steps, train_state,  # noqa: E402
+                        xla_cpu)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "datasets", "cats_vs_dogs")
@@ -148,7 +149,7 @@ def keras_runner(config, num_classes: int, batches):
 
 
 def benchmark_steps(args) -> None:
-    config = config_lib.load_config_file(args.config)
+    config = recipes.load_config_file(args.config)
     batches, class_names = load_batches(config, args.data_dir, args.batches)
     print(f"Device: {describe_device()}; JAX {jax.__version__} on {jax.default_backend()}")
     peak = matmul_peak_gflops()
@@ -191,7 +192,7 @@ def benchmark_steps(args) -> None:
 
 
 def benchmark_pipeline(args) -> None:
-    config = config_lib.load_config_file(args.config)
+    config = recipes.load_config_file(args.config)
     source = input_pipeline.load_folder_source(args.data_dir, config.validation_split, 0, config.image_size,
                                                config.max_image_pixels)
     split = source.splits["train"]

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "imgclf_jax"
 # entry point that composes them. Within a layer, any order without a cycle.
 LAYERS = [
     ("base", {"__init__", "errors", "user_cache", "xla_cpu", "cli", "parallel", "metrics", "plotting", "image_io",
-              "fingerprints", "demo_data", "config_lib"}),
+              "fingerprints", "demo_data", "config_lib", "recipes"}),
     ("data", {"file_checks", "folders", "input_pipeline"}),
     ("model", {"pooling", "cpu_conv", "conv", "models", "augmentation", "mixing", "losses"}),
     ("training", {"train_state", "schedule", "steps", "time_budget", "checkpointing", "workdir", "trainer"}),

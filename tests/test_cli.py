@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from imgclf_jax import config_lib
+from imgclf_jax import recipes
 
 
 def _train(*args, cwd, env=None):
@@ -17,6 +17,7 @@ def _train(*args, cwd, env=None):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--data_dir", "no/such/folder"], "imgclf_jax.train: error: data folder no/such/folder does not exist"),
     (["--config", "missing_config.py"], "imgclf_jax.train: error: config file missing_config.py does not exist"),
@@ -30,13 +31,15 @@ def test_bad_invocations_print_one_line_and_exit_2(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_unknown_config_field_is_an_error(tmp_path):
-    result = _train("--config", str(config_lib.CONFIGS_DIR / "demo.py"), "--config.no_such_field=3", cwd=tmp_path)
+    result = _train("--config", str(recipes.CONFIGS_DIR / "demo.py"), "--config.no_such_field=3", cwd=tmp_path)
     assert result.returncode != 0
     assert "no_such_field" in result.stderr
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_one_epoch_of_the_default_demo_from_the_command_line(tmp_path):
     quiet_env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # As a user runs it.
     result = _train("--epochs", "1", "--workdir", str(tmp_path / "w"), cwd=tmp_path, env=quiet_env)
@@ -65,6 +68,7 @@ jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
 """
 
 
+@pytest.mark.slow
 def test_compiled_functions_are_kept_on_disk_for_the_next_run(tmp_path):
     env = dict(os.environ, IMGCLF_CACHE_DIR=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -86,6 +90,7 @@ def test_compiled_functions_are_kept_on_disk_for_the_next_run(tmp_path):
     assert off[0] == "None" and "cache_hits" not in off
 
 
+@pytest.mark.slow
 def test_version_and_a_recipe_by_name_ignore_the_current_folder(tmp_path):
     from imgclf_jax import __version__
 
@@ -99,6 +104,7 @@ def test_version_and_a_recipe_by_name_ignore_the_current_folder(tmp_path):
     assert "no recipe named 'no_such_recipe': choose one of cats_vs_dogs, default, demo, tutorial_cnn" in result.stderr
 
 
+@pytest.mark.slow
 def test_entry_points_load_tensorflow_without_keras_and_keras_still_loads_afterwards():
     code = ("import sys\n"
             "from imgclf_jax import cli\n"

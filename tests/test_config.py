@@ -7,14 +7,15 @@ import re
 
 import pytest
 
-from imgclf_jax import config_lib
+from imgclf_jax import config_lib, recipes
+from imgclf_jax import workdir as workdir_lib
 from imgclf_jax.errors import UserError
 
-CONFIG_FILES = [config_lib.CONFIGS_DIR / f"{name}.py" for name in config_lib.recipe_names()]
+CONFIG_FILES = [recipes.CONFIGS_DIR / f"{name}.py" for name in recipes.recipe_names()]
 
 
 def _load(path):
-    return config_lib.load_config_file(str(path))
+    return recipes.load_config_file(str(path))
 
 
 def test_required_configs_exist():
@@ -30,25 +31,25 @@ def test_every_config_is_valid_and_has_every_base_field(path):
 
 
 def test_tutorial_config_is_the_keras_recipe():
-    config = _load(config_lib.CONFIGS_DIR / "tutorial_cnn.py")
+    config = _load(recipes.CONFIGS_DIR / "tutorial_cnn.py")
     assert (config.model, config.image_size, config.batch_size, config.learning_rate) == (
         "tutorial_cnn", 180, 32, 1e-3)
     assert not config.augment.enabled and config.weight_decay == 0 and config.lr_schedule == "constant"
 
 
 def test_default_config_depends_on_data_flags():
-    assert config_lib.default_config_argv(["train"]) == ["train", f"--config={config_lib.CONFIGS_DIR / 'demo.py'}"]
-    argv = config_lib.default_config_argv(["train", "--data_dir", "x", "--config.epochs=3"])
-    assert argv[1] == f"--config={config_lib.CONFIGS_DIR / 'default.py'}" and argv[2:] == ["--data_dir", "x",
+    assert recipes.default_config_argv(["train"]) == ["train", f"--config={recipes.CONFIGS_DIR / 'demo.py'}"]
+    argv = recipes.default_config_argv(["train", "--data_dir", "x", "--config.epochs=3"])
+    assert argv[1] == f"--config={recipes.CONFIGS_DIR / 'default.py'}" and argv[2:] == ["--data_dir", "x",
                                                                                            "--config.epochs=3"]
-    argv = config_lib.default_config_argv(["train", "--config", "tutorial_cnn"])
-    assert argv == ["train", "--config", str(config_lib.CONFIGS_DIR / "tutorial_cnn.py")]
+    argv = recipes.default_config_argv(["train", "--config", "tutorial_cnn"])
+    assert argv == ["train", "--config", str(recipes.CONFIGS_DIR / "tutorial_cnn.py")]
     with pytest.raises(UserError, match="config file nope.py does not exist"):
-        config_lib.default_config_argv(["train", "--config=nope.py"])
+        recipes.default_config_argv(["train", "--config=nope.py"])
 
 
 def test_data_flag_overrides_replace_the_data_source():
-    config = _load(config_lib.CONFIGS_DIR / "demo.py")
+    config = _load(recipes.CONFIGS_DIR / "demo.py")
     config_lib.apply_overrides(config, data_dir="photos", epochs=None, batch_size=7)
     assert (config.dataset, config.data_dir, config.batch_size, config.epochs) == ("", "photos", 7, 8)
     config_lib.apply_overrides(config, dataset="tfds:tf_flowers")
@@ -56,9 +57,9 @@ def test_data_flag_overrides_replace_the_data_source():
 
 
 def test_saved_config_round_trips_without_executing_code(tmp_path):
-    config = _load(config_lib.CONFIGS_DIR / "cats_vs_dogs.py")
-    config_lib.save_config(config, str(tmp_path / "config.json"))
-    loaded = config_lib.load_saved_config(str(tmp_path / "config.json"))
+    config = _load(recipes.CONFIGS_DIR / "cats_vs_dogs.py")
+    workdir_lib.save_config(config, str(tmp_path / "config.json"))
+    loaded = workdir_lib.load_saved_config(str(tmp_path / "config.json"))
     assert loaded.to_dict() == config.to_dict()
 
 
@@ -92,21 +93,21 @@ def test_unknown_resnet_activation_is_named():
 
 
 def test_changes_from_saved_names_changed_fields_only(tmp_path):
-    config = config_lib.load_config_file("default")
+    config = recipes.load_config_file("default")
     path = tmp_path / "config.json"
-    config_lib.save_config(config, str(path))
-    assert config_lib.changes_from_saved(str(path), config) == []
+    workdir_lib.save_config(config, str(path))
+    assert workdir_lib.changes_from_saved(str(path), config) == []
 
     saved = json.loads(path.read_text())
     del saved["ema_decay"]  # As written by a version without the field: read as its default (0.0).
     path.write_text(json.dumps(saved))
-    changed = config_lib.load_config_file("default")
+    changed = recipes.load_config_file("default")
     changed.epochs = 7
-    assert config_lib.changes_from_saved(str(path), changed) == [
+    assert workdir_lib.changes_from_saved(str(path), changed) == [
         f"ema_decay: 0.0 -> {config.ema_decay}", f"epochs: {config.epochs} -> 7"]
 
     path.write_text("{not json")
-    assert "could not be read" in config_lib.changes_from_saved(str(path), config)[0]
+    assert "could not be read" in workdir_lib.changes_from_saved(str(path), config)[0]
 
 
 def test_bad_tta_is_named():

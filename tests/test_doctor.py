@@ -92,6 +92,7 @@ def test_a_clean_folder_has_no_duplicates(tmp_path):
     assert "held out" in findings["validation"]
 
 
+@pytest.mark.slow
 def test_command_line_prints_the_pairs_and_writes_json(planted_dir, tmp_path):
     out = tmp_path / "report" / "doctor.json"
     result = subprocess.run(

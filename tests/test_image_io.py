@@ -143,6 +143,7 @@ def test_junk_names():
     assert image_io.is_junk_name("._cat.jpg") and not image_io.is_junk_name("cat.jpg")
 
 
+@pytest.mark.slow
 def test_bomb_header_is_refused_before_decoding_and_scanning_stays_small(tmp_path):
     import subprocess
     import sys

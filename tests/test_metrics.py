@@ -82,6 +82,7 @@ def test_report_figures_equal_scikit_learns(num_classes):
         assert report["top5_accuracy"] == pytest.approx(skm.top_k_accuracy_score(labels, probs, k=5, labels=ids))
 
 
+@pytest.mark.slow
 def test_plot_metrics_script_overlays_runs(tmp_path):
     for name in ("a", "b"):
         log = MetricsLog(str(tmp_path / name))

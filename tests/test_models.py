@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from imgclf_jax import config_lib, models, pooling
+from imgclf_jax import config_lib, models, pooling, recipes
 
 
 def _init(model, size):
@@ -125,7 +125,7 @@ def test_resnet_avg_pool_shortcut_reads_every_input_position_with_the_same_param
     assert counts[False] == counts[True]
     assert jnp.array_equal(*outputs[False])
     assert not jnp.allclose(*outputs[True])
-    config = config_lib.load_config_file("cats_vs_dogs")
+    config = recipes.load_config_file("cats_vs_dogs")
     assert models.create_model(config, 1).avg_pool_shortcut
 
 
@@ -147,7 +147,7 @@ def test_drop_path_skips_the_residual_branch_for_whole_photos_in_training_only()
     # Evaluation keeps every branch unscaled: the same as without stochastic depth.
     without = models.ResidualBlock(4).apply(variables, x, train=False)
     assert jnp.allclose(block.apply(variables, x, train=False), without)
-    config = config_lib.load_config_file("default")
+    config = recipes.load_config_file("default")
     config.resnet.drop_path = 0.1
     assert models.create_model(config, 1).drop_path == 0.1
 
@@ -159,7 +159,7 @@ def test_resnet_silu_activation_changes_the_function_not_the_parameters():
     variables = _init(relu_net, 16)
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(_init(silu_net, 16))
     assert not jnp.allclose(relu_net.apply(variables, x), silu_net.apply(variables, x))
-    config = config_lib.load_config_file("default")
+    config = recipes.load_config_file("default")
     config.resnet.activation = "silu"
     assert models.create_model(config, 1).act is nn.silu
     assert set(models.ACTIVATIONS) == set(config_lib.RESNET_ACTIVATIONS)  # Every name validate accepts builds.

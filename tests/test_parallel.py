@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from imgclf_jax import config_lib, parallel, train
+from imgclf_jax import parallel, recipes, train
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import read_metrics
 
@@ -53,10 +53,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_one_device_two_devices_and_two_processes_train_the_same(two_class_dir, tmp_path):
     config_file = tmp_path / "parallel_config.py"
     config_file.write_text(CONFIG_TEXT)
-    config = config_lib.load_config_file(str(config_file))
+    config = recipes.load_config_file(str(config_file))
     config.data_dir = str(two_class_dir)
     one_device = train.train_and_evaluate(config, str(tmp_path / "one_device"))
 
@@ -92,6 +93,7 @@ def test_one_device_two_devices_and_two_processes_train_the_same(two_class_dir, 
     assert final_losses[2] == pytest.approx(final_losses[0], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_batch_size_that_does_not_split_is_refused_on_two_devices(two_class_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "imgclf_jax.train", "--data_dir", str(two_class_dir), "--batch_size", "7",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -43,6 +45,7 @@ def test_predictions_in_batches_match_one_by_one(trained_run, tmp_path):
     assert np.mean(correct) >= 0.8
 
 
+@pytest.mark.slow
 def test_command_line_json_lines(trained_run, tmp_path):
     workdir, data = trained_run
     (tmp_path / "bad.png").write_bytes(b"")

@@ -95,6 +95,7 @@ def test_hardest_images_keeps_the_highest_losses_worst_first():
     assert kept[0]["loss"] == pytest.approx(-np.log(0.05)) and kept[0]["image"].dtype == np.uint8
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed")
 def test_the_report_renders_in_headless_chromium(trained_run, tmp_path):
     workdir, _ = trained_run

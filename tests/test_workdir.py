@@ -22,6 +22,7 @@ def _holder(workdir):
     return process
 
 
+@pytest.mark.slow
 def test_a_live_holder_keeps_others_out_and_is_named(tmp_path):
     process = _holder(tmp_path)
     try:
@@ -33,6 +34,7 @@ def test_a_live_holder_keeps_others_out_and_is_named(tmp_path):
         process.wait()
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     process = _holder(tmp_path)
@@ -52,6 +54,7 @@ def test_released_on_exit_so_the_next_run_gets_it(tmp_path):
     assert (tmp_path / LOCK_FILE).read_text() == ""
 
 
+@pytest.mark.slow
 def test_without_filesystem_locks_a_dead_process_id_is_stale(tmp_path, monkeypatch):
     import fcntl
     import socket

@@ -48,6 +48,7 @@ def _run_faults_script(extra_env: dict[str, str]) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+@pytest.mark.slow
 @glibc_only
 def test_freed_memory_is_reused_without_page_faults():
     mode, faults = _run_faults_script({})
@@ -59,6 +60,7 @@ def test_freed_memory_is_reused_without_page_faults():
     assert faults < _PAGES_PER_CALL
 
 
+@pytest.mark.slow
 @glibc_only
 def test_opt_out_and_users_own_malloc_settings_are_respected():
     assert _run_faults_script({xla_cpu.OPT_OUT: "0"})[0] == "default"

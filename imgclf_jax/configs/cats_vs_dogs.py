@@ -8,11 +8,11 @@ What it scores and costs, and the runs behind each choice: docs/accuracy.md (cat
     python -m imgclf_jax.train --config cats_vs_dogs --data_dir ../shared/datasets/cats_vs_dogs
 """
 
-from imgclf_jax import config_lib
+from imgclf_jax import recipes
 
 
 def get_config():
-    config = config_lib.load_config_file("default")
+    config = recipes.load_config_file("default")
     config.name = "cats_vs_dogs"
     config.time_budget_minutes = 18.0
     config.epochs = 200  # The most; the budget decides (a multiple of the 4 stages).
