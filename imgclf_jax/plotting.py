@@ -5,10 +5,7 @@ from __future__ import annotations
 
 from typing import IO, Any, Mapping, Sequence, Union
 
-import matplotlib
-
-matplotlib.use("Agg")  # Files only; never needs a display.
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure  # Figures drawn straight to files: no pyplot, no display, no backend state.
 
 Destination = Union[str, IO[bytes]]
 
@@ -20,7 +17,8 @@ def plain_text(text: str) -> str:
 
 def plot_training_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: Destination) -> None:
     """Draws one figure with a loss panel and an accuracy panel; several runs are overlaid by colour."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     single = len(runs) == 1
     for i, (name, records) in enumerate(runs.items()):
         color = f"C{i}"
@@ -41,7 +39,6 @@ def plot_training_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: Des
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Destination,
@@ -54,7 +51,8 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     row_totals = counts.sum(axis=1, keepdims=True)
     fractions = counts / np.maximum(row_totals, 1)
     side = min(4.0 + 0.45 * n, 30.0)
-    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    fig = Figure(figsize=(side + 1.0, side))
+    ax = fig.subplots()
     image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     labels = [plain_text(name) for name in class_names]
@@ -70,14 +68,13 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
                         color="white" if fractions[i, j] > 0.5 else "black", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_reliability(bins: Sequence[dict[str, Any]], ece: float, path: Destination) -> None:
     """Accuracy against mean confidence per confidence bin (from `metrics.calibration`), with the diagonal
     of perfect calibration and each bin's share of the images."""
-    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5.2, 5.6), sharex=True,
-                                       gridspec_kw={"height_ratios": [3, 1]})
+    fig = Figure(figsize=(5.2, 5.6))
+    ax, ax_count = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     lows = [b["low"] for b in bins]
     width = bins[0]["high"] - bins[0]["low"]
     filled = [b for b in bins if b["count"]]
@@ -99,4 +96,3 @@ def plot_reliability(bins: Sequence[dict[str, Any]], ece: float, path: Destinati
     ax_count.set_ylabel("share")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

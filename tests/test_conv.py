@@ -58,6 +58,7 @@ def native_kernels_for_every_size(monkeypatch):
     monkeypatch.setattr(cpu_conv, "MIN_OUTPUT_PIXELS", 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("x_shape, k_shape, strides, padding, impl", IMPL_CASES)
 def test_forward_and_gradients_match_lax(x_shape, k_shape, strides, padding, impl):
     x, kernel = _inputs(x_shape, k_shape)
@@ -82,6 +83,7 @@ def test_forward_and_gradients_match_lax(x_shape, k_shape, strides, padding, imp
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 def test_flax_conv_with_the_custom_op_matches_the_default(impl):
     x = jax.random.normal(jax.random.key(1), (4, 12, 12, 3))
@@ -156,6 +158,7 @@ def test_winograd_convolutions_use_the_kernels_down_to_smaller_outputs(monkeypat
     assert cpu_conv.worth_it((2, 32, 32, 3), (3, 3, 3, 4), (1, 1), same)  # 1,024 pixels, direct.
 
 
+@pytest.mark.slow
 @needs_native
 def test_native_weight_gradient_is_the_same_every_time():
     # The threads share the work as they happen to run; the per-chunk sums are added in a fixed order.
@@ -180,6 +183,7 @@ BLOCK_CASES = [  # (input shape, output channels)
 ]
 
 
+@pytest.mark.slow
 @needs_native
 @pytest.mark.parametrize("x_shape, features", BLOCK_CASES)
 def test_fused_conv_relu_pool_matches_the_unfused_layers(x_shape, features):
@@ -200,6 +204,7 @@ def test_fused_conv_relu_pool_matches_the_unfused_layers(x_shape, features):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
 
 
+@pytest.mark.slow
 @needs_native
 def test_fused_block_sends_tied_maxima_to_the_first_position_as_max_pool_does():
     # A blank image: every output equals the bias, so every window's four values tie; the channel with a

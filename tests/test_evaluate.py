@@ -68,6 +68,7 @@ def _untrained_resnet_run(tmp_path) -> inference.TrainedRun:
     return inference.TrainedRun(str(tmp_path), config, ["a", "b", "c"], "softmax", fresh_state(config, 3), 0, 0)
 
 
+@pytest.mark.slow
 def test_flip_scale_tta_averages_four_views(tmp_path):
     from imgclf_jax import augmentation
 

@@ -14,6 +14,7 @@ def _init(model, size):
     return model.init(jax.random.key(0), jnp.zeros((2, size, size, 3)), train=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_outputs, expected", [(5, 3_989_285), (1, 3_988_769)])
 def test_tutorial_cnn_matches_the_keras_tutorial_parameter_count(num_outputs, expected):
     # Keras's tutorial prints 3,989,285 parameters for this network with 5 classes at 180x180.
@@ -22,6 +23,7 @@ def test_tutorial_cnn_matches_the_keras_tutorial_parameter_count(num_outputs, ex
     assert "batch_stats" not in variables
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 @pytest.mark.parametrize("num_outputs", [1, 4])
 def test_every_model_gives_one_logit_row_per_image(name, num_outputs):
@@ -34,6 +36,7 @@ def test_every_model_gives_one_logit_row_per_image(name, num_outputs):
     assert jnp.all(jnp.isfinite(logits))
 
 
+@pytest.mark.slow
 def test_cnn_options_change_the_network():
     plain = models.CNN(2, filters=(8, 16), dense_units=32)
     bn = models.CNN(2, filters=(8, 16), dense_units=32, batch_norm=True, convs_per_block=2, global_pool=True)
@@ -43,6 +46,7 @@ def test_cnn_options_change_the_network():
     assert "batch_stats" in bn_vars and "batch_stats" not in plain_vars
 
 
+@pytest.mark.slow
 def test_resnet_updates_batch_stats_in_training_and_uses_dropout_rng():
     model = models.ResNet(3, stage_sizes=(1, 1), widths=(8, 16), dropout=0.5)
     variables = _init(model, 16)
@@ -64,6 +68,7 @@ def test_unknown_model_is_a_user_error():
         models.create_model(config, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_bfloat16_computes_in_bfloat16_with_float32_parameters(name):
     config = config_lib.base_config()
@@ -110,6 +115,7 @@ def test_fused_cnn_blocks_keep_the_parameters_of_separate_layers():
     assert names == {"Conv_0", "Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1"}
 
 
+@pytest.mark.slow
 def test_resnet_avg_pool_shortcut_reads_every_input_position_with_the_same_parameters():
     # The stride-2 1x1 shortcut reads only even rows and columns; ResNet-D's averages each 2x2 window first.
     x = jax.random.normal(jax.random.key(1), (1, 8, 8, 4))
@@ -129,6 +135,7 @@ def test_resnet_avg_pool_shortcut_reads_every_input_position_with_the_same_param
     assert models.create_model(config, 1).avg_pool_shortcut
 
 
+@pytest.mark.slow
 def test_drop_path_skips_the_residual_branch_for_whole_photos_in_training_only():
     x = jax.random.normal(jax.random.key(1), (16, 6, 6, 4))
     block = models.ResidualBlock(4, drop_path=0.5)

@@ -15,6 +15,7 @@ def _require(name):
     return path
 
 
+@pytest.mark.slow
 def test_cats_vs_dogs_layout_and_counts():
     found = folders.load_folder_dataset(str(_require("cats_vs_dogs")))
     assert found.class_names == ["cats", "dogs"]
@@ -23,6 +24,7 @@ def test_cats_vs_dogs_layout_and_counts():
     assert found.skipped == []
 
 
+@pytest.mark.slow
 def test_flowers5_layout_and_counts():
     found = folders.load_folder_dataset(str(_require("flowers5")))
     assert found.class_names == ["daisy", "dandelion", "rose", "sunflower", "tulip"]

@@ -30,6 +30,7 @@ def test_train_step_lowers_the_loss_on_a_batch(tiny_config, loss_kind, num_class
     assert float(last["accuracy"]) == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_kind, num_classes", [("sigmoid", 2), ("softmax", 3)])
 def test_mixed_train_step_loss_is_the_lam_weighted_loss_of_both_labels(tiny_config, loss_kind, num_classes):
     tiny_config.mix.update(mixup_alpha=0.4, cutmix_alpha=1.0)
@@ -57,6 +58,7 @@ def test_mixed_train_step_loss_is_the_lam_weighted_loss_of_both_labels(tiny_conf
     assert float(unmixed["loss"]) != pytest.approx(float(reported["loss"]), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_train_step_trains_on_the_augmented_resized_batch(tiny_config):
     tiny_config.update(model="cnn")
     tiny_config.cnn.global_pool = True
@@ -83,6 +85,7 @@ def test_train_step_trains_on_the_augmented_resized_batch(tiny_config):
     assert float(unaugmented["loss"]) != pytest.approx(float(reported["loss"]), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_weight_average_follows_each_step_and_is_what_evaluation_uses(tiny_config):
     tiny_config.cnn.batch_norm = True
     tiny_config.ema_decay = 0.5

@@ -100,6 +100,7 @@ def test_auto_conv_without_native_kernels_is_xla_wherever_the_cpu_options_apply(
     assert models.resolve_conv_impl("xla") == "xla"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU options")
 def test_one_off_options_compile_the_same_initial_parameters():
     from imgclf_jax import config_lib, schedule, train_state
