@@ -1,0 +1,143 @@
+"""Scores a recipe on a suite of photo folders against the Keras tutorial's recipe (not part of the tests).
+
+    python scripts/recipe_suite.py --config default --out /tmp/suite \\
+        flowers5=../shared/datasets/flowers5 weather4=../shared/datasets/weather4 \\
+        corn_leaf=../shared/datasets/corn_leaf held_out:small=/tmp/photos_small
+
+Each folder needs `train/` and `test/` (and may have `validation/`). For each, in turn (never two at once),
+it runs the training command as a user would (`python -m imgclf_jax.train --config C --data_dir F`), scores
+the test photos with `python -m imgclf_jax.evaluate` (the recipe's own test-time augmentation), then trains
+the Keras tutorial's augmented recipe (`scripts/keras_tutorial.py --augment`, 15 epochs) on the same split
+and reads its test accuracy. It prints one markdown table (folder, classes, photos, our test accuracy, the
+tutorial's, the difference, minutes of each whole command) and writes it to OUT/table.md with the host's CPU
+beside it. A `held_out:` prefix marks a folder that played no part in choosing the recipe: its rows are
+listed apart, so they can judge the recipe honestly. `--keras_cache` reuses earlier Keras scores of the same
+folder and split (they depend on the folder alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+
+
+def count_photos(split: Path) -> dict[str, int]:
+    """Image files per class sub-folder of `split` (by extension: a count for the table, not a scan)."""
+    return {c.name: sum(1 for f in c.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            for c in sorted(split.iterdir()) if c.is_dir()}
+
+
+def run(command: list[str], log_path: Path) -> tuple[str, float]:
+    """Runs `command` to completion with its output in `log_path`; returns (output, minutes)."""
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    minutes = (time.perf_counter() - start) / 60
+    log_path.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}; see {log_path}")
+    return result.stdout + result.stderr, minutes
+
+
+def our_score(name: str, folder: Path, config: str, out: Path, overrides: list[str]) -> tuple[float, float]:
+    """(test accuracy, minutes of the training command) for the recipe on `folder`."""
+    workdir = out / f"run_{name}"
+    if workdir.exists() and any(workdir.iterdir()):
+        raise SystemExit(f"{workdir} is not empty: a suite run starts every run from scratch (use a new --out)")
+    _, minutes = run([sys.executable, "-m", "imgclf_jax.train", "--config", config, "--data_dir", str(folder),
+                      "--workdir", str(workdir), *overrides], out / f"train_{name}.log")
+    run([sys.executable, "-m", "imgclf_jax.evaluate", "--workdir", str(workdir), "--data_dir", str(folder),
+         "--split", "test", "--name", "suite_test"], out / f"evaluate_{name}.log")
+    report = json.loads((workdir / "eval_suite_test.json").read_text())
+    return report["accuracy"], minutes
+
+
+def keras_score(name: str, folder: Path, out: Path, cache: dict) -> tuple[float, float]:
+    """(test accuracy, minutes) of the Keras tutorial's augmented recipe, 15 epochs, on `folder`."""
+    key = str(folder.resolve())
+    if key in cache:
+        return cache[key]["accuracy"], cache[key]["minutes"]
+    output, minutes = run([sys.executable, "scripts/keras_tutorial.py", "--data_dir", str(folder), "--augment",
+                           "--epochs", "15"], out / f"keras_{name}.log")
+    found = re.search(r"test accuracy ([0-9.]+)", output)
+    if not found:
+        raise SystemExit(f"no test accuracy in {out / f'keras_{name}.log'}")
+    cache[key] = {"accuracy": float(found.group(1)), "minutes": minutes}
+    return cache[key]["accuracy"], minutes
+
+
+def host() -> str:
+    """The CPU model and its vector extensions, named beside every timing."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{os.cpu_count()}-core {model} ({', '.join(vector) or 'no AVX2'})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", help="NAME=FOLDER, or held_out:NAME=FOLDER")
+    parser.add_argument("--config", default="default", help="the recipe to score (a name or a file)")
+    parser.add_argument("--out", required=True, help="a new folder for the runs, logs and the table")
+    parser.add_argument("--no_keras", action="store_true", help="leave the Keras column out")
+    parser.add_argument("--keras_cache", help="a JSON file of Keras scores to reuse and extend")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="after --: flags for the training command")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_path = Path(args.keras_cache) if args.keras_cache else out / "keras_scores.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    overrides = [a for a in args.overrides if a != "--"]
+    rows = []
+    for item in args.folders:
+        name, _, folder = item.partition("=")
+        held_out = name.startswith("held_out:")
+        name = name.removeprefix("held_out:")
+        folder = Path(folder)
+        if not (folder / "train").is_dir() or not (folder / "test").is_dir():
+            raise SystemExit(f"{folder} needs train/ and test/ folders")
+        train, test = count_photos(folder / "train"), count_photos(folder / "test")
+        ours, our_minutes = our_score(name, folder, args.config, out, overrides)
+        theirs, their_minutes = (None, None) if args.no_keras else keras_score(name, folder, out, cache)
+        cache_path.write_text(json.dumps(cache, indent=2))
+        rows.append((held_out, name, len(train), sum(train.values()), sum(test.values()), ours, theirs,
+                     our_minutes, their_minutes))
+        print(f"{name}: ours {ours:.3f} in {our_minutes:.1f} min"
+              + (f", Keras tutorial {theirs:.3f} in {their_minutes:.1f} min" if theirs is not None else ""),
+              flush=True)
+
+    lines = [f"Recipe `{args.config}`{' ' + ' '.join(overrides) if overrides else ''} on {host()}, "
+             f"{time.strftime('%Y-%m-%d')}.", "",
+             "| folder | classes | train photos | test photos | ours (test) | Keras tutorial (test) | difference "
+             "| ours, min | Keras, min |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for held_out in (False, True):
+        for row in (r for r in rows if r[0] == held_out):
+            _, name, classes, n_train, n_test, ours, theirs, our_min, their_min = row
+            cells = [f"{name}{' (held out)' if held_out else ''}", str(classes), str(n_train), str(n_test),
+                     f"{ours:.3f}", "-" if theirs is None else f"{theirs:.3f}",
+                     "-" if theirs is None else f"{ours - theirs:+.3f}", f"{our_min:.1f}",
+                     "-" if their_min is None else f"{their_min:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
