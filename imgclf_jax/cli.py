@@ -26,7 +26,7 @@ from imgclf_jax.errors import EXIT_USER_ERROR, UserError
 
 EXIT_INTERRUPTED = 130
 VERBOSE_FLAG = "--verbose"
-COMMANDS = ("train", "evaluate", "predict", "doctor", "report")
+COMMANDS = ("train", "evaluate", "predict", "doctor", "report", "export")
 
 
 def prepare_environment(argv: Sequence[str] = (), tensorflow: bool = True) -> None:
@@ -68,8 +68,9 @@ def _command(name: str) -> Callable[[], None]:
     return run_command
 
 
-# The console scripts of pyproject.toml: imgclf-train, imgclf-evaluate, imgclf-predict, imgclf-doctor, imgclf-report.
-train, evaluate, predict, doctor, report = (_command(name) for name in COMMANDS)
+# The console scripts of pyproject.toml: imgclf-train, imgclf-evaluate, imgclf-predict, imgclf-doctor, imgclf-report,
+# imgclf-export.
+train, evaluate, predict, doctor, report, export = (_command(name) for name in COMMANDS)
 
 
 def version() -> str:

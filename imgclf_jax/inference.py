@@ -35,8 +35,9 @@ class TrainedRun:
     epoch: int
 
 
-def load_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
-    """Restores the checkpoint `checkpoint` ('best', 'latest' or a step number) of the run in `workdir`."""
+def load_run(workdir: str, checkpoint: Union[str, int] = "best", conv_impl: Optional[str] = None) -> TrainedRun:
+    """Restores the checkpoint `checkpoint` ('best', 'latest' or a step number) of the run in `workdir`;
+    `conv_impl` overrides the run's convolution implementation (export uses XLA's, which every runtime has)."""
     config_path = os.path.join(workdir, CONFIG_FILE)
     classes_path = os.path.join(workdir, CLASSES_FILE)
     if not os.path.isdir(workdir):
@@ -44,6 +45,8 @@ def load_run(workdir: str, checkpoint: Union[str, int] = "best") -> TrainedRun:
     if not (os.path.isfile(config_path) and os.path.isfile(classes_path)):
         raise UserError(f"{workdir} is not a training work directory (no config.json / classes.json)")
     config = workdir_lib.load_saved_config(config_path)
+    if conv_impl is not None:
+        config.conv_impl = conv_impl
     class_names = workdir_lib.read_class_names(classes_path)
     loss_kind = losses.resolve_loss(config.loss, len(class_names))
     model = models.create_model(config, losses.num_outputs(loss_kind, len(class_names)))

@@ -16,7 +16,7 @@ LAYERS = [
     ("data", {"file_checks", "folders", "input_pipeline"}),
     ("model", {"pooling", "cpu_conv", "conv", "models", "augmentation", "mixing", "losses"}),
     ("training", {"train_state", "schedule", "steps", "time_budget", "checkpointing", "workdir", "trainer"}),
-    ("evaluation", {"inference", "evaluate", "predict", "report", "doctor"}),
+    ("evaluation", {"inference", "evaluate", "predict", "report", "doctor", "export"}),
     ("entry", {"train"}),
 ]
 MAX_LINES = 420
