@@ -24,10 +24,13 @@ DTYPES = ("float32", "bfloat16")
 # The ResNet's nonlinearity (`resnet.activation`), for each of config_lib.RESNET_ACTIVATIONS.
 ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu}
 
-# The CNNs take `conv_impl`, resolved ('xla', 'native' or 'matmul_grad'; see `resolve_conv_impl`), as their
-# fused conv + ReLU + pool blocks need it; the ResNet takes its convolution layer (`conv`) itself.
+# Models take their convolution as callables, built by `create_model` from the resolved `conv_impl` ('xla',
+# 'native' or 'matmul_grad'; see `resolve_conv_impl`): `conv`, a layer like nn.Conv, and for the CNNs
+# `conv_relu_pool`, the fused block's function (x, kernel, bias) -> y.
 ConvFn = Optional[Callable[..., jax.Array]]
 ModuleDef = Any
+ConvReluPoolFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+_XLA_CONV_RELU_POOL = functools.partial(conv.conv_relu_pool, impl="xla")
 
 
 def _conv_layer(conv_impl: str, dtype: Any, **kwargs: Any):
@@ -40,7 +43,7 @@ class ConvReluPool(nn.Module):
     kernels)."""
 
     features: int
-    conv_impl: str = "xla"
+    conv_relu_pool: ConvReluPoolFn = _XLA_CONV_RELU_POOL
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -48,7 +51,7 @@ class ConvReluPool(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return conv.conv_relu_pool(x, kernel, bias, self.conv_impl)
+        return self.conv_relu_pool(x, kernel, bias)
 
 
 def _batch_norm(train: bool, dtype: Any, **kwargs: Any) -> nn.BatchNorm:
@@ -59,14 +62,14 @@ class TutorialCNN(nn.Module):
     """Keras tutorial CNN: three [conv 3x3 same + ReLU, max-pool 2x2] blocks, flatten, dense 128, output."""
 
     num_outputs: int
-    conv_impl: str = "xla"
+    conv_relu_pool: ConvReluPoolFn = _XLA_CONV_RELU_POOL
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = x.astype(self.dtype)
         for index, filters in enumerate((16, 32, 64)):
-            x = ConvReluPool(filters, self.conv_impl, self.dtype, name=f"Conv_{index}")(x)
+            x = ConvReluPool(filters, self.conv_relu_pool, self.dtype, name=f"Conv_{index}")(x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(128, dtype=self.dtype)(x))
         return nn.Dense(self.num_outputs, dtype=self.dtype)(x).astype(jnp.float32)
@@ -82,7 +85,8 @@ class CNN(nn.Module):
     dense_units: int = 128
     dropout: float = 0.0
     global_pool: bool = False
-    conv_impl: str = "xla"
+    conv: ModuleDef = nn.Conv
+    conv_relu_pool: ConvReluPoolFn = _XLA_CONV_RELU_POOL
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -94,10 +98,10 @@ class CNN(nn.Module):
                 name = f"Conv_{index}"
                 index += 1
                 if not self.batch_norm and block_conv == self.convs_per_block - 1:
-                    x = ConvReluPool(filters, self.conv_impl, self.dtype, name=name)(x)
+                    x = ConvReluPool(filters, self.conv_relu_pool, self.dtype, name=name)(x)
                     break
-                x = _conv_layer(self.conv_impl, self.dtype, name=name)(filters, (3, 3), padding="SAME",
-                                                                      use_bias=not self.batch_norm)(x)
+                x = self.conv(filters, (3, 3), padding="SAME", use_bias=not self.batch_norm, dtype=self.dtype,
+                              name=name)(x)
                 if self.batch_norm:
                     x = _batch_norm(train, self.dtype)(x)
                 x = nn.relu(x)
@@ -229,13 +233,14 @@ def create_model(config: ml_collections.ConfigDict, num_outputs: int) -> nn.Modu
     name = config.model
     conv_impl = resolve_conv_impl(config.conv_impl)
     dtype = compute_dtype(config.dtype)
+    fused = functools.partial(conv.conv_relu_pool, impl=conv_impl)
     if name == "tutorial_cnn":
-        return TutorialCNN(num_outputs=num_outputs, conv_impl=conv_impl, dtype=dtype)
+        return TutorialCNN(num_outputs=num_outputs, conv_relu_pool=fused, dtype=dtype)
     if name == "cnn":
         c = config.cnn
         return CNN(num_outputs=num_outputs, filters=tuple(c.filters), convs_per_block=c.convs_per_block,
                    batch_norm=c.batch_norm, dense_units=c.dense_units, dropout=c.dropout, global_pool=c.global_pool,
-                   conv_impl=conv_impl, dtype=dtype)
+                   conv=_conv_layer(conv_impl, dtype), conv_relu_pool=fused, dtype=dtype)
     if name == "resnet":
         c = config.resnet
         if len(c.stage_sizes) != len(c.widths):
