@@ -12,7 +12,6 @@ import logging
 import os
 import platform
 import sys
-import threading
 import traceback
 import types
 import warnings
@@ -142,7 +141,7 @@ def run(prog: str, main: Callable[[Sequence[str]], None], argv_fn: Callable[[], 
             _fail(prog, f"{e.strerror or e}{where}")
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-            sys.exit(EXIT_INTERRUPTED)
+            _exit(EXIT_INTERRUPTED)
 
     def parse_flags(argv: list[str]) -> list[str]:
         try:
@@ -209,10 +208,10 @@ def _fail(prog: str, message: str) -> None:
 
 
 def _exit(code: int) -> None:
-    """Exits with `code`; at once if a library's worker thread is still alive after the error (orbax's
-    after a failed write wait for a signal that never comes, and would keep the process from ending)."""
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    """Ends the process with `code` after an error, at once: the work is saved or refused by then, and
+    libraries' teardown can hang after a failure (orbax's threads wait forever for a write that failed; a
+    tf.data pipeline whose read failed can deadlock the interpreter's last garbage collection)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -116,3 +116,29 @@ def test_entry_points_load_tensorflow_without_keras_and_keras_still_loads_afterw
             "assert optimizers.Adam and input_pipeline.tf.keras.layers.Dense\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_photo_deleted_while_training_ends_the_command_in_one_line_without_hanging(tmp_path):
+    from helpers import make_class_folder
+
+    make_class_folder(tmp_path / "d" / "train", {"a": 8, "b": 8})
+    make_class_folder(tmp_path / "d" / "validation", {"a": 2, "b": 2}, start=50)
+    code = ("import os, sys\n"
+            "from imgclf_jax import cli\n"
+            "cli.prepare_environment(sys.argv)\n"
+            "from imgclf_jax import input_pipeline, train\n"
+            "scan = input_pipeline.load_folder_source\n"
+            "def scan_then_delete(*args, **kwargs):\n"
+            "    source = scan(*args, **kwargs)\n"
+            "    os.remove(sys.argv[2] + '/train/b/img_3.png')\n"
+            "    return source\n"
+            "input_pipeline.load_folder_source = scan_then_delete\n"
+            "sys.argv = ['imgclf_jax.train', '--data_dir', sys.argv[2], '--workdir', sys.argv[1], '--epochs', '1',\n"
+            "            '--image_size', '16', '--batch_size', '4']\n"
+            "train.run()\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "w"), str(tmp_path / "d")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("imgclf_jax.train: error: cannot read ")
+    assert "img_3.png" in result.stderr and "Traceback" not in result.stderr
