@@ -178,9 +178,9 @@ def _runner(fmt: str, path: str) -> Callable[[np.ndarray], np.ndarray]:
         return run_tflite
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda images: session.run(None, {name: images})[0]
+    model = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = model.get_inputs()[0].name
+    return lambda images: model.run(None, {name: images})[0]
 
 
 def _validation_images(run: inference.TrainedRun, count: int) -> np.ndarray:
