@@ -26,6 +26,8 @@ from imgclf_jax.errors import EXIT_USER_ERROR, UserError
 EXIT_INTERRUPTED = 130
 VERBOSE_FLAG = "--verbose"
 COMMANDS = ("train", "evaluate", "predict", "doctor", "report", "export")
+COMPILATION_CACHE_ENV = "IMGCLF_COMPILATION_CACHE"
+COMPILATION_CACHE_MAX_BYTES = 2**30  # Least recently used entries go beyond this.
 
 
 def prepare_environment(argv: Sequence[str] = (), tensorflow: bool = True) -> None:
@@ -75,8 +77,6 @@ train, evaluate, predict, doctor, report, export = (_command(name) for name in C
 def version() -> str:
     """The installed package's version."""
     return __version__
-COMPILATION_CACHE_ENV = "IMGCLF_COMPILATION_CACHE"
-COMPILATION_CACHE_MAX_BYTES = 2**30  # Least recently used entries go beyond this.
 
 
 def setup_logging(verbose: bool = False) -> None:
