@@ -35,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.tfds_data_dir = ""  # Where TFDS keeps prepared data ('' = TFDS's default, ~/tensorflow_datasets).
     c.validation_split = 0.2  # Held out (stratified, seeded) when there is no validation folder/split.
     c.image_size = 128
+    # True: where the training photos' median shorter side is below image_size, train (and score) at that
+    # side instead, a multiple of 8 and at least MIN_PHOTO_IMAGE_SIZE: enlarged photos add cost, not detail.
+    # Folders only (TFDS sets and the demo keep image_size).
+    c.image_size_from_photos = False
     c.resize = "squash"  # 'squash' | 'crop' (centre square) | 'pad' (keep aspect, black borders).
     c.cache = True  # Keep decoded, resized images in memory after the first epoch.
     c.max_image_pixels = image_io.DEFAULT_MAX_IMAGE_PIXELS  # Larger images are skipped (bombs).
@@ -115,6 +119,14 @@ def base_config() -> ml_collections.ConfigDict:
     # lengthened (up to `epochs`) if more time is left than it needs. A resumed run keeps its plan. The plan
     # is an estimate: a machine that slows down during the last stage makes it late.
     c.time_budget_minutes = 0.0
+    # With time_budget_minutes 0 and seconds_per_image > 0: a time budget that grows with the data, this many
+    # seconds per training image, kept between min_minutes and max_minutes (so a few hundred photos get a
+    # few minutes and thousands get the most). The run's log states the minutes it chose.
+    c.auto_time_budget = ml_collections.ConfigDict(dict(seconds_per_image=0.0, min_minutes=2.0, max_minutes=20.0))
+    # > 0: stop early once this share of the planned epochs (at least 5) has passed since validation last
+    # improved (a higher accuracy, or as high with a lower loss): the run has stopped learning anything the
+    # validation photos can see. The best checkpoint stays what evaluate and predict use.
+    c.early_stopping_share = 0.0
     # A checkpoint is saved after an epoch once this many minutes have passed since the last one (0: after
     # every epoch), after every validated epoch that may be the best (its accuracy at least that of the
     # earlier ones), and after the last: a crash or Ctrl-C loses at most about this much training, and short
@@ -129,6 +141,33 @@ def base_config() -> ml_collections.ConfigDict:
     c.tta = "none"
     c.report = True  # Write report.html (imgclf_jax.report) at the end of training.
     return c
+
+
+def has_time_budget(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run's epochs are planned by a time budget (a fixed one, or one that grows with the data)."""
+    return bool(config.time_budget_minutes or config.auto_time_budget.seconds_per_image)
+
+
+def time_budget_minutes(config: ml_collections.ConfigDict, train_images: int) -> float:
+    """The run's time budget in minutes: time_budget_minutes if set, else auto_time_budget's seconds per
+    training image within its bounds; 0 without a budget."""
+    if config.time_budget_minutes:
+        return config.time_budget_minutes
+    auto = config.auto_time_budget
+    if not auto.seconds_per_image:
+        return 0.0
+    return min(auto.max_minutes, max(auto.min_minutes, auto.seconds_per_image * train_images / 60))
+
+
+MIN_PHOTO_IMAGE_SIZE = 64
+
+
+def image_size_for_photos(config: ml_collections.ConfigDict, median_short_side: int) -> int:
+    """The image size to train at for photos whose median shorter side is `median_short_side` (0: unknown):
+    config.image_size, or with image_size_from_photos the photos' own size where that is smaller."""
+    if not config.image_size_from_photos or not median_short_side or median_short_side >= config.image_size:
+        return config.image_size
+    return min(config.image_size, max(MIN_PHOTO_IMAGE_SIZE, median_short_side // 8 * 8))
 
 
 def pools_globally(config: ml_collections.ConfigDict) -> bool:
@@ -165,6 +204,12 @@ def require_positive_int(name: str, value: Any) -> None:
         raise UserError(f"{name} must be a positive whole number (got {value!r})")
 
 
+def _field(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Rejects values that cannot work, with the field named, before any data is read."""
     for field in ("epochs", "batch_size", "image_size", "validate_every", "checkpoints_to_keep", "max_image_pixels"):
@@ -172,9 +217,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not math.isfinite(config.learning_rate) or config.learning_rate < 0:
         raise UserError(f"learning_rate must be a non-negative number (got {config.learning_rate!r})")
     require_positive_int("resnet.stem_strides", config.resnet.stem_strides)
-    for field in ("time_budget_minutes", "checkpoint_every_minutes"):
-        if not math.isfinite(config[field]) or config[field] < 0:
-            raise UserError(f"{field} must be a non-negative number (got {config[field]!r})")
+    for field in ("time_budget_minutes", "checkpoint_every_minutes", "auto_time_budget.seconds_per_image",
+                  "auto_time_budget.min_minutes", "auto_time_budget.max_minutes"):
+        value = _field(config, field)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise UserError(f"{field} must be a non-negative number (got {value!r})")
+    if config.auto_time_budget.min_minutes > config.auto_time_budget.max_minutes:
+        raise UserError(f"auto_time_budget.min_minutes ({config.auto_time_budget.min_minutes}) is above "
+                        f"auto_time_budget.max_minutes ({config.auto_time_budget.max_minutes})")
+    if not 0.0 <= config.early_stopping_share < 1.0:
+        raise UserError(f"early_stopping_share must be in [0, 1) (got {config.early_stopping_share!r})")
     if config.optimizer not in ("adam", "sgd"):
         raise UserError(f"optimizer must be 'adam' or 'sgd' (got {config.optimizer!r})")
     if not 0.0 <= config.momentum < 1.0:
@@ -199,7 +251,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"progressive.stage_epochs must be 0 (equal stages) or a whole number of epochs that leaves the "
                 f"last of the {config.progressive.stages} stages at least one of the {config.epochs} epochs "
                 f"(got {stage_epochs!r})")
-        if stage_epochs and config.time_budget_minutes:
+        if stage_epochs and has_time_budget(config):
             raise UserError("progressive.stage_epochs is for the time budget to set (it plans the stages itself); "
                             "set --config.progressive.stage_epochs=0 or --config.time_budget_minutes=0")
         if not pools_globally(config):

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import tqdm
+from PIL import Image
 
 from imgclf_jax import fingerprints, image_io, user_cache
 
 log = logging.getLogger(__name__)
 
-_SCAN_CACHE_VERSION = 4  # 3: HEIF and AVIF are images; 4: no pHash for tiny images.
+_SCAN_CACHE_VERSION = 5  # 3: HEIF and AVIF are images; 4: no pHash for tiny images; 5: shorter sides.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,7 @@ class FileCheck:
     reason: str
     digest: str = ""
     phash: str = ""
+    short_side: int = 0  # The photo's shorter side in pixels, as stored.
 
 
 def _cache_path(root: Path) -> Optional[Path]:
@@ -65,11 +67,13 @@ def check_file(path: str, max_pixels: int) -> FileCheck:
         image = image_io.load_image(path, min_size=64, max_pixels=max_pixels)  # Enough for the pHash.
         with open(path, "rb") as f:
             digest = fingerprints.content_digest(f.read())
+        with Image.open(path) as header:  # The size as stored (the decode above may have been reduced).
+            short_side = min(header.size)
     except image_io.UnusableImageError as e:
         return FileCheck(str(e))
     except OSError as e:
         return FileCheck(f"cannot read file ({e.strerror or e})")
-    return FileCheck("", digest, fingerprints.perceptual_hash(image))
+    return FileCheck("", digest, fingerprints.perceptual_hash(image), short_side)
 
 
 def check_files(paths: Sequence[str], root: Path, max_pixels: int) -> dict[str, FileCheck]:
@@ -103,6 +107,6 @@ def check_files(paths: Sequence[str], root: Path, max_pixels: int) -> dict[str, 
                 leave=False,
             ):
                 verdicts[path] = check
-                cache[path] = keys[path] + [check.reason, check.digest, check.phash]
+                cache[path] = keys[path] + [check.reason, check.digest, check.phash, check.short_side]
         _save_scan_cache(cache_file, cache)
     return verdicts

@@ -38,6 +38,7 @@ class Example:
     label: int
     digest: str = dataclasses.field(default="", compare=False)  # fingerprints.content_digest
     phash: str = dataclasses.field(default="", compare=False)  # fingerprints.perceptual_hash
+    short_side: int = dataclasses.field(default=0, compare=False)  # Pixels, as stored; 0 if unknown.
 
 
 @dataclasses.dataclass
@@ -194,7 +195,8 @@ def _examples_for(
                 f"class folder {present[class_names[label]]} has no usable images"
                 + (f" ({len(unusable)} image file(s) could not be used)" if unusable else "")
             )
-        examples.extend(Example(p, label, verdicts[p].digest, verdicts[p].phash) for p in usable)
+        examples.extend(Example(p, label, verdicts[p].digest, verdicts[p].phash, verdicts[p].short_side)
+                        for p in usable)
     return examples
 
 

@@ -45,6 +45,7 @@ class Split:
     num_examples: int
     images: tf.data.Dataset
     paths: Optional[list[str]] = None  # The files, in order, for splits read from a folder.
+    median_short_side: int = 0  # The photos' median shorter side in pixels as stored; 0 if unknown.
 
 
 @dataclasses.dataclass
@@ -83,7 +84,8 @@ def folder_split(
     ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(p) for p in paths], labels)).map(
         _plain_graph(load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
-    return Split(len(paths), ds, paths)
+    sides = [e.short_side for e in examples if e.short_side]
+    return Split(len(paths), ds, paths, int(np.median(sides)) if sides else 0)
 
 
 def load_folder_source(

@@ -100,7 +100,7 @@ class MetricsLog:
             plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
         with self._tensorboard.as_default():
             for key, value in record.items():
-                if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                if key not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     tf.summary.write(key, tf.constant(float(value), tf.float32), step=int(record["epoch"]),
                                      metadata=metadata)
         self._tensorboard.flush()

@@ -80,7 +80,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "Image folder: DIR/<class>/... or DIR/train/<class>/... "
                         "with DIR/validation/ (or val/) and optional DIR/test/.")
     flags.DEFINE_string("dataset", None, "'tfds:NAME' for a TensorFlow Datasets set, or 'demo'.")
-    flags.DEFINE_integer("epochs", None, "Number of training epochs.")
+    flags.DEFINE_integer("epochs", None, "Train exactly this many epochs (no time budget).")
+    flags.DEFINE_float("time_budget_minutes", None, "Train as many epochs as fit in this many minutes of the "
+                       "whole command (at most the config's epochs).")
     flags.DEFINE_integer("batch_size", None, "Training batch size.")
     flags.DEFINE_float("learning_rate", None, "Peak learning rate.")
     flags.DEFINE_integer("image_size", None, "Images are resized to IMAGE_SIZE x IMAGE_SIZE.")
@@ -103,10 +105,15 @@ def main(argv) -> None:
     if not parallel.is_main_process():
         logging.getLogger().setLevel(logging.WARNING)  # Process 0 speaks for the run.
     config = FLAGS.config
+    if FLAGS.epochs is not None and FLAGS.time_budget_minutes is not None:
+        raise UserError("--epochs and --time_budget_minutes each decide how long to train; give one of them")
+    if FLAGS.epochs is not None:  # A number of epochs asked for is trained, not re-planned by a budget.
+        config.time_budget_minutes, config.auto_time_budget.seconds_per_image = 0.0, 0.0
+        config.progressive.stage_epochs = 0
     config_lib.apply_overrides(
         config, data_dir=FLAGS.data_dir, dataset=FLAGS.dataset, epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, image_size=FLAGS.image_size,
-        seed=FLAGS.seed, strict=FLAGS.strict,
+        seed=FLAGS.seed, strict=FLAGS.strict, time_budget_minutes=FLAGS.time_budget_minutes,
     )
     train_and_evaluate(config, config_lib.default_workdir(config, FLAGS.workdir))
 

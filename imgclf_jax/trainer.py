@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 # Config fields that do not change what a resumed run trains (its scoring, reports, saving, name; a resumed
 # run keeps the epochs its time budget planned), so changing them is no reason to warn of mixed recipes.
 _NOT_TRAINING_FIELDS = ("tta", "report", "name", "strict", "checkpoint_every_minutes", "checkpoints_to_keep",
-                        "time_budget_minutes")
+                        "time_budget_minutes", "auto_time_budget.seconds_per_image",
+                        "auto_time_budget.min_minutes", "auto_time_budget.max_minutes", "early_stopping_share")
 
 
 class TrainingDiverged(UserError):
@@ -110,13 +111,18 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
         if is_main:
             workdir_lib.write_json(os.path.join(workdir, workdir_lib.CLASSES_FILE), class_names)
             workdir_lib.write_skipped(workdir, run.source.skipped)
-        budget = None
-        if config.time_budget_minutes and restored is not None and os.path.exists(config_path):
+        budget, budget_minutes = None, config_lib.time_budget_minutes(config, train_split.num_examples)
+        if budget_minutes and restored is not None and os.path.exists(config_path):
             saved = workdir_lib.load_saved_config(config_path)
             config.epochs, config.progressive.stage_epochs = saved.epochs, saved.progressive.stage_epochs
             log.info("Time budget: resuming, so the run keeps the %d epochs it planned at its start.", config.epochs)
-        elif config.time_budget_minutes:
-            budget = time_budget.TimeBudget(config.time_budget_minutes, run_start, clock)
+        elif budget_minutes:
+            if not config.time_budget_minutes:
+                auto = config.auto_time_budget
+                log.info("Time budget: %.1f min for %d training images (%.2f s an image, within %g-%g min; set "
+                         "--time_budget_minutes or --epochs to choose).", budget_minutes, train_split.num_examples,
+                         auto.seconds_per_image, auto.min_minutes, auto.max_minutes)
+            budget = time_budget.TimeBudget(budget_minutes, run_start, clock)
             config.epochs = budget.plan(config, measure_costs(config, run, _fresh_state(config, run), clock))
         config_changes = workdir_lib.changes_from_saved(config_path, config) if os.path.exists(config_path) else []
         if is_main:
@@ -133,6 +139,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
         metrics_log = MetricsLog(workdir) if is_main else None
         if is_main:
             metrics_log.keep_up_to(start_epoch)
+        if config.early_stopping_share and any(r.get("epoch") == start_epoch and r.get("stopped_early")
+                                               for r in (read_metrics(workdir) if start_epoch else [])):
+            log.info("The run stopped early at epoch %d (set --config.early_stopping_share=0 to train on).",
+                     start_epoch)
+            config.epochs = start_epoch
         if start_epoch >= config.epochs:
             log.info("Already trained for %d of %d epochs; nothing to do.", start_epoch, config.epochs)
         if start_epoch:
@@ -141,6 +152,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
         # The best validation accuracy of this run so far: an epoch at least as good may be the best, so it is
         # saved (after a resume, the first validated epoch is saved whatever its accuracy).
         best_accuracy, best, last_save = 0.0, (None, 0, 0), clock()
+        # Early stopping's view of progress: (accuracy, -loss) of the best validated epoch, and that epoch.
+        progress, last_improved = (-math.inf, -math.inf), start_epoch
         try:
             epoch = start_epoch
             while epoch < config.epochs:  # The time budget may plan fewer epochs, or a longer last stage.
@@ -152,6 +165,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
                 may_be_best = "val_accuracy" in record and record["val_accuracy"] >= best_accuracy  # Ties: later.
                 if may_be_best:
                     best_accuracy, best = record["val_accuracy"], (scorer, int(state.step), epoch)
+                if "val_accuracy" in record and (record["val_accuracy"], -record["val_loss"]) > progress:
+                    progress, last_improved = (record["val_accuracy"], -record["val_loss"]), epoch
+                stops_early = parallel.value_of_main_process(int(_stops_early(config, record, epoch, last_improved)))
+                if stops_early:
+                    config.epochs = epoch  # Saved below as the last epoch.
+                    record["stopped_early"] = True  # A rerun on this work directory has nothing left to do.
                 if is_main:
                     metrics_log.append(record)
                 # Saved with metrics only if validated: an epoch without validation cannot become the best. The
@@ -162,7 +181,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
                                       else None)
                     last_save = clock()
                 _log_epoch(config, record)
-                new_plan = budget.after_epoch(config, epoch) if budget else None
+                if stops_early:
+                    log.info("Stopped early after epoch %d: validation has not improved for %d epochs (accuracy "
+                             "%.4f, loss %.4f at epoch %d; early_stopping_share %g of the plan).", epoch,
+                             epoch - last_improved, progress[0], -progress[1], last_improved,
+                             config.early_stopping_share)
+                new_plan = budget.after_epoch(config, epoch) if budget and not stops_early else None
                 if new_plan:
                     config.epochs, config.progressive.stage_epochs = new_plan
                     learning_rate_fn = create_learning_rate_fn(config, run.steps_per_epoch)
@@ -175,11 +199,26 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
                        run.source.splits["validation"].paths, *best)
 
 
+def _stops_early(config: ml_collections.ConfigDict, record: dict[str, Any], epoch: int, last_improved: int) -> bool:
+    """Whether the run ends after `epoch` (validated in `record`) for early stopping: validation last improved
+    (a higher accuracy, or as high with a lower loss) at epoch `last_improved`, at least early_stopping_share
+    of the planned epochs (and 5) ago."""
+    if not config.early_stopping_share or "val_accuracy" not in record or epoch >= config.epochs:
+        return False
+    return epoch - last_improved >= max(5, math.ceil(config.early_stopping_share * config.epochs))
+
+
 def _prepare(config: ml_collections.ConfigDict) -> _Run:
     """Opens the data and builds the model and its jitted steps (nothing is written)."""
     mesh = parallel.create_mesh()
     parallel.check_batch_size("batch_size", config.batch_size, mesh.devices.size)
     source = input_pipeline.load_source(config)
+    photo_size = config_lib.image_size_for_photos(config, source.splits["train"].median_short_side)
+    if photo_size != config.image_size:
+        log.info("Image size: %d px, the training photos' median shorter side (%d px), instead of %d "
+                 "(image_size_from_photos).", photo_size, source.splits["train"].median_short_side,
+                 config.image_size)
+        config.image_size = photo_size
     if config.strict and source.skipped:
         listed = "; ".join(f"{p}: {reason}" for p, reason in source.skipped[:5])
         more = f" (and {len(source.skipped) - 5} more)" if len(source.skipped) > 5 else ""

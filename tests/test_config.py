@@ -123,3 +123,29 @@ def test_bad_tta_is_named():
         config_lib.validate(config)  # base_config() does not augment.
     config.augment.enabled = config.augment.flip = True
     config_lib.validate(config)
+
+
+def test_the_time_budget_grows_with_the_data_within_its_bounds():
+    config = config_lib.base_config()
+    assert config_lib.time_budget_minutes(config, 1000) == 0.0  # No budget by default.
+    config.auto_time_budget.update(seconds_per_image=0.6, min_minutes=2.0, max_minutes=20.0)
+    assert config_lib.time_budget_minutes(config, 100) == 2.0  # 1 minute: the least applies.
+    assert config_lib.time_budget_minutes(config, 1000) == pytest.approx(10.0)
+    assert config_lib.time_budget_minutes(config, 5000) == 20.0  # 50 minutes: the most applies.
+    config.time_budget_minutes = 7.5  # A fixed budget wins.
+    assert config_lib.time_budget_minutes(config, 1000) == 7.5
+
+
+@pytest.mark.parametrize("median_side, expected", [
+    (0, 160),  # Unknown (TFDS, the demo): the config's size.
+    (400, 160),  # Larger photos are resized down, as always.
+    (160, 160),
+    (130, 128),  # Smaller ones set the size, a multiple of 8...
+    (20, 64),  # ...but never below 64 px.
+])
+def test_image_size_follows_photos_smaller_than_it(median_side, expected):
+    config = config_lib.base_config()
+    config.image_size, config.image_size_from_photos = 160, True
+    assert config_lib.image_size_for_photos(config, median_side) == expected
+    config.image_size_from_photos = False
+    assert config_lib.image_size_for_photos(config, median_side) == 160

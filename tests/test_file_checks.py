@@ -18,3 +18,19 @@ def test_scan_verdicts_are_cached(tmp_path, monkeypatch):
     write_image(root / "x" / "img_0.jpg", class_image(0, seed=99))  # Changed file: checked again.
     folders.load_folder_dataset(str(root), validation_split=0.34)
     assert [Path(p).name for p in checked] == ["img_0.jpg"]
+
+
+def test_the_scan_records_each_photos_shorter_side_and_the_split_its_median(tmp_path):
+    from imgclf_jax import input_pipeline
+
+    root = tmp_path / "d"
+    for i, (width, height) in enumerate([(40, 30), (50, 70), (90, 90)]):
+        write_image(root / "x" / f"{i}.jpg", class_image(0, (width, height), seed=i))
+        write_image(root / "y" / f"{i}.png", class_image(1, (width, height), seed=i))
+    found = folders.load_folder_dataset(str(root), validation_split=0.34)
+    examples = found.splits["train"] + found.splits["validation"]
+    assert sorted(e.short_side for e in examples) == [30, 30, 50, 50, 90, 90]
+    cached = folders.load_folder_dataset(str(root), validation_split=0.34)  # From the scan cache.
+    assert [e.short_side for e in cached.splits["train"]] == [e.short_side for e in found.splits["train"]]
+    split = input_pipeline.folder_split(examples, 32, 10**8)
+    assert split.median_short_side == 50

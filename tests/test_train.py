@@ -321,6 +321,9 @@ def test_three_classes_use_softmax_and_a_held_out_split(tiny_config, flat_three_
     ("time_budget_minutes", -1.0, "time_budget_minutes must be a non-negative"),
     ("time_budget_minutes", float("nan"), "time_budget_minutes must be a non-negative"),
     ("checkpoint_every_minutes", -0.5, "checkpoint_every_minutes must be a non-negative"),
+    ("auto_time_budget.seconds_per_image", -0.1, "auto_time_budget.seconds_per_image must be a non-negative"),
+    ("auto_time_budget.min_minutes", 30.0, r"auto_time_budget.min_minutes \(30.0\) is above"),
+    ("early_stopping_share", 1.0, r"early_stopping_share must be in \[0, 1\)"),
     ("resize", "stretch", "resize must be"),
     ("mix.mixup_alpha", -1.0, "mix.mixup_alpha must be >= 0"),
     ("mix.prob", 1.5, r"mix.prob must be in \[0, 1\]"),
@@ -584,3 +587,65 @@ def test_the_demo_trains_to_the_losses_pinned_before_the_loop_was_split_into_mod
     # augmentation draws, the schedule) moves these by percents, far beyond the tolerance.
     assert [r["train_loss"] for r in records] == pytest.approx([1.425199270248413, 0.36461812257766724], rel=2e-3)
     assert [r["val_loss"] for r in records] == pytest.approx([0.35461063504551116, 0.21554521664271448], rel=2e-3)
+
+
+@pytest.mark.slow
+def test_a_run_stops_early_when_validation_stops_improving_and_a_rerun_has_nothing_to_do(
+        tiny_config, two_class_dir, tmp_path, caplog):
+    # A learning rate of 0 leaves the weights, so validation never improves after the first epoch.
+    tiny_config.update(data_dir=str(two_class_dir), epochs=40, learning_rate=0.0, early_stopping_share=0.1)
+    workdir = tmp_path / "w"
+    caplog.set_level("INFO")
+    records = train.train_and_evaluate(tiny_config, str(workdir))
+    # The patience is 10% of 40 epochs, but at least 5: epochs 2-6 do not improve on epoch 1.
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[-1]["stopped_early"] is True and not any("stopped_early" in r for r in records[:-1])
+    assert "Stopped early after epoch 6: validation has not improved for 5 epochs" in caplog.text
+    assert checkpointing.Checkpointer(str(workdir / "checkpoints")).latest_step() == records[-1]["step"]
+
+    caplog.clear()
+    assert train.train_and_evaluate(tiny_config, str(workdir)) == records
+    assert "stopped early at epoch 6" in caplog.text and "nothing to do" in caplog.text
+
+
+@pytest.mark.slow
+def test_training_improving_runs_every_epoch_with_early_stopping_on(tiny_config, two_class_dir, tmp_path):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=3, early_stopping_share=0.5)
+    records = train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+    assert [r["epoch"] for r in records] == [1, 2, 3] and not any("stopped_early" in r for r in records)
+
+
+@pytest.mark.slow
+def test_a_budget_growing_with_the_data_is_stated_and_epochs_on_the_command_line_replace_it(
+        two_class_dir, tmp_path, caplog):
+    common = ["--data_dir", str(two_class_dir), "--config.image_size=16", "--config.model=cnn",
+              "--config.cnn.filters=(8,16)", "--config.cnn.dense_units=16", "--config.report=False",
+              "--config.progressive.start_scale=0", "--config.tta=none", "--config.ema_decay=0",
+              "--batch_size", "8"]
+    budgeted = subprocess.run(
+        [sys.executable, "-m", "imgclf_jax.train", "--config", "default", "--workdir", str(tmp_path / "a"),
+         "--config.epochs=2", *common], capture_output=True, text=True)
+    assert budgeted.returncode == 0, budgeted.stderr
+    # 48 training images at 0.45 s each are 0.4 minutes: the recipe's least, 2 minutes, applies.
+    assert "Time budget: 2.0 min for 48 training images (0.45 s an image, within 2-20 min" in budgeted.stderr
+    fixed = subprocess.run(
+        [sys.executable, "-m", "imgclf_jax.train", "--config", "default", "--workdir", str(tmp_path / "b"),
+         "--epochs", "3", *common], capture_output=True, text=True)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "Time budget" not in fixed.stderr
+    assert [r["epoch"] for r in read_metrics(str(tmp_path / "b"))] == [1, 2, 3]
+    both = subprocess.run(
+        [sys.executable, "-m", "imgclf_jax.train", "--config", "default", "--workdir", str(tmp_path / "c"),
+         "--epochs", "3", "--time_budget_minutes", "5", *common], capture_output=True, text=True)
+    assert both.returncode == 2 and "give one of them" in both.stderr
+
+
+@pytest.mark.slow
+def test_photos_smaller_than_the_image_size_set_the_size(tiny_config, two_class_dir, tmp_path, caplog):
+    # The generated photos are 24x20: below the floor of 64 px, so the run trains at 64 instead of 96.
+    tiny_config.update(data_dir=str(two_class_dir), image_size=96, image_size_from_photos=True, epochs=1)
+    caplog.set_level("INFO")
+    train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["image_size"] == 64
+    assert "Image size: 64 px, the training photos' median shorter side (20 px), instead of 96" in caplog.text
+    assert inference.load_run(str(tmp_path / "w")).config.image_size == 64

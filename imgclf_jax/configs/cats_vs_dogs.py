@@ -23,7 +23,7 @@ def get_config():
     config.resnet.avg_pool_shortcut = True
     # SiLU: +0.010 best validation accuracy on three seeds at 200 epochs, every seed up (e137a/b, e138a).
     config.resnet.activation = "silu"
-    config.validate_every = 11
+    config.early_stopping_share = 0.0  # Measured without it: its best epochs came in the last stage.
     # Four views of each photo: +0.004 over the mirror image alone on seventeen runs' best checkpoints.
     config.tta = "flip_scale"
     return config
