@@ -211,6 +211,9 @@ class TimeBudget:
         now, last = self.clock(), last_stage_start(config)
         first = min(epoch for epoch in range(1, last)
                     if progressive_stage(config, epoch) == config.progressive.stages - 2)
+        # Its first epoch compiles the step for the new size (seconds on a CPU), which the last stage's epochs do
+        # not repeat: on a small folder it would make the stage look several times slower than it is.
+        first += first < last - 1
         pace = (now - self._starts[first]) / self._costs.estimate(config, config.epochs, first, last - 1)
         epochs = parallel.value_of_main_process(
             fit_last_stage(config, self.seconds_left(), pace, self._costs.estimate, self._most_epochs))

@@ -73,6 +73,17 @@ class _Run:
     val_images: Any
     train_step: Callable  # (state, batch, image_size) -> (state, metrics)
     eval_step: Callable  # (state, batch) -> sums, logits, probabilities
+    # (learning-rate schedule, optimizer) by the config they were made for. The optimizer is part of the
+    # state's static structure, so a new but equal one would compile every train step again (8-12 s a size
+    # on a 2-core CPU): a plan that keeps the epochs the steps were timed with reuses them.
+    optimizers: dict = dataclasses.field(default_factory=dict)
+
+    def optimizer(self, config: ml_collections.ConfigDict) -> tuple[Callable, Any]:
+        key = config.to_json_best_effort(sort_keys=True)
+        if key not in self.optimizers:
+            learning_rate_fn = create_learning_rate_fn(config, self.steps_per_epoch)
+            self.optimizers[key] = learning_rate_fn, create_optimizer(config, learning_rate_fn)
+        return self.optimizers[key]
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optional[Callable[[], Any]] = None,
@@ -127,9 +138,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
         config_changes = workdir_lib.changes_from_saved(config_path, config) if os.path.exists(config_path) else []
         if is_main:
             workdir_lib.save_config(config, config_path)
-        learning_rate_fn = create_learning_rate_fn(config, run.steps_per_epoch)
         # The optimizer's state does not depend on the schedule, which the time budget may have re-planned.
-        state = state.replace(tx=create_optimizer(config, learning_rate_fn))
+        learning_rate_fn, optimizer = run.optimizer(config)
+        state = state.replace(tx=optimizer)
         log.info("Model: %s, %s parameters, %s cross-entropy, %s compute; %d steps of %d images per epoch on %s.",
                  config.model, f"{models.count_params(state.params):,}", run.loss_kind, config.dtype,
                  run.steps_per_epoch, config.batch_size, parallel.describe())
@@ -189,8 +200,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
                 new_plan = budget.after_epoch(config, epoch) if budget and not stops_early else None
                 if new_plan:
                     config.epochs, config.progressive.stage_epochs = new_plan
-                    learning_rate_fn = create_learning_rate_fn(config, run.steps_per_epoch)
-                    state = state.replace(tx=create_optimizer(config, learning_rate_fn))  # Compiles anew.
+                    learning_rate_fn, optimizer = run.optimizer(config)
+                    state = state.replace(tx=optimizer)  # Compiles anew.
                     if is_main:
                         workdir_lib.save_config(config, config_path)  # A resume keeps this plan.
         finally:
@@ -258,7 +269,7 @@ def _prepare(config: ml_collections.ConfigDict) -> _Run:
 
 def _fresh_state(config: ml_collections.ConfigDict, run: _Run) -> TrainState:
     return create_train_state(run.model, config.image_size,
-                              create_optimizer(config, create_learning_rate_fn(config, run.steps_per_epoch)),
+                              run.optimizer(config)[1],
                               config.seed, run.mesh, ema=config.ema_decay > 0)
 
 

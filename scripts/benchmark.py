@@ -1,12 +1,16 @@
-"""Training-step throughput: imgclf_jax versus the identical Keras model, on the same batches.
+"""Training-step throughput: imgclf_jax versus the same model in Keras and in PyTorch, on the same batches.
 
     python scripts/benchmark.py [--config tutorial_cnn] [--data_dir ../shared/datasets/cats_vs_dogs]
-        [--rounds 3] [--steps 10] [--no_keras] [--conv_impls auto,xla]
-    python scripts/benchmark.py --pipeline [--data_dir DIR]   # the input pipeline alone
+        [--image_size N] [--rounds 3] [--steps 10] [--no_keras] [--no_torch] [--conv_impls auto,xla]
+    python scripts/benchmark.py --config default --image_size 96    # the default ResNet at a training size
+    python scripts/benchmark.py --pipeline [--data_dir DIR]          # the input pipeline alone
 
 Warm-up (compilation) is excluded; then rounds alternate between the implementations, and the best round
-of each is reported (images/s, ratio to Keras, achieved GFLOP/s from XLA's cost analysis, and the fraction
-of an f32 matmul peak measured here on the spot). Keras is only a yardstick: the package never imports it.
+of each is reported: images/s, the ratio to Keras and to PyTorch, the achieved GFLOP/s from XLA's count of
+the model's FLOPs, and that as a fraction of the host's peak measured here on the spot (a 2048x2048 float32
+matmul, the best of XLA, numpy and PyTorch; and bfloat16 through PyTorch, where oneDNN uses AMX or
+AVX512-BF16 if the CPU has them). The twins (scripts/framework_twins.py) are yardsticks only: the package
+imports neither framework. PyTorch is optional (`pip install torch`); without it its column is left out.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import sys
 import time
 from typing import Optional
@@ -25,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgclf_jax import (input_pipeline, losses, models, parallel, recipes, schedule, steps, train_state,  # noqa: E402
-                        xla_cpu)
+import framework_twins  # noqa: E402 - scripts/, beside this file.
+from imgclf_jax import losses, models, parallel, recipes, schedule, steps, train_state, xla_cpu  # noqa: E402
+from recipe_suite import host  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "datasets", "cats_vs_dogs")
@@ -35,22 +39,50 @@ DEFAULT_DATA = os.path.join(REPO, "..", "shared", "datasets", "cats_vs_dogs")
 def describe_device() -> str:
     device = jax.devices()[0]
     if device.platform == "cpu":
-        model = platform.processor() or "CPU"
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        return f"CPU: {model}, {os.cpu_count()} cores"
+        return f"CPU: {host()}"
     return f"{device.platform.upper()}: {device.device_kind}"
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def matmul_peak_gflops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a square matmul through XLA."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
+
+
+def numpy_matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    best = min(_timed(lambda: a @ a) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def measure_peaks(with_torch: bool) -> dict[str, float]:
+    """The device's measured matmul peaks (GFLOP/s) by dtype. On a CPU: float32 the best of XLA, numpy and
+    PyTorch, bfloat16 the best of XLA and PyTorch (2048x2048); on an accelerator, XLA's alone (8192x8192).
+    Each source is printed."""
+    if jax.default_backend() != "cpu":
+        found = {"float32 XLA": matmul_peak_gflops(n=8192), "bfloat16 XLA": matmul_peak_gflops(jnp.bfloat16, 8192)}
+        print("Matmul peaks measured here (8192x8192): " + ", ".join(f"{k} {v:.0f}" for k, v in found.items())
+              + " GFLOP/s")
+        return {"float32": found["float32 XLA"], "bfloat16": found["bfloat16 XLA"]}
+    found = {"float32 XLA": matmul_peak_gflops(), "float32 numpy": numpy_matmul_peak_gflops(),
+             "bfloat16 XLA": matmul_peak_gflops(jnp.bfloat16)}
+    if with_torch:
+        found["float32 PyTorch"] = framework_twins.torch_matmul_peak_gflops("float32")
+        found["bfloat16 PyTorch"] = framework_twins.torch_matmul_peak_gflops("bfloat16")
+    print("Matmul peaks measured here (2048x2048): " + ", ".join(f"{k} {v:.0f}" for k, v in found.items())
+          + " GFLOP/s")
+    return {dtype: max(v for k, v in found.items() if k.startswith(dtype)) for dtype in ("float32", "bfloat16")}
 
 
 def _steal_seconds() -> Optional[float]:
@@ -72,6 +104,8 @@ def load_batches(config, data_dir: str, count: int) -> list[dict[str, np.ndarray
     """`count` real training batches (decoded, resized, as the trainer sees them); random if no folder."""
     size, bs = config.image_size, config.batch_size
     if data_dir and os.path.isdir(data_dir):
+        from imgclf_jax import input_pipeline  # TensorFlow's tf.data: only for real photos.
+
         source = input_pipeline.load_folder_source(data_dir, config.validation_split, 0, size,
                                                    config.max_image_pixels)
         prepared = input_pipeline.prepare(source.splits["train"], size, config.resize, cache=False)
@@ -126,36 +160,25 @@ def model_flops_per_step(config, num_classes: int, batch) -> float:
     return float(analysis.get("flops", float("nan")))
 
 
-def keras_runner(config, num_classes: int, batches):
-    """The Keras tutorial's model (only tutorial_cnn has a Keras twin here), on our [0, 1] batches."""
-    import tensorflow as tf
-
-    import keras_tutorial  # scripts/, beside this file; imports Keras.
-
-    if config.model != "tutorial_cnn":
-        raise SystemExit("the Keras comparison exists for model 'tutorial_cnn' only; use --no_keras")
-    outputs = 1 if num_classes == 2 else num_classes
-    model = keras_tutorial.build_model(config.image_size, num_classes, config.learning_rate, rescale=False)
-    tensors = [(tf.constant(b["image"]), tf.constant(b["label"].reshape(-1, 1) if outputs == 1 else b["label"]))
-               for b in batches]
-
-    def run(steps: int) -> None:
-        for i in range(steps):
-            x, y = tensors[i % len(tensors)]
-            result = model.train_on_batch(x, y)
-        float(np.asarray(result[0] if isinstance(result, (list, tuple)) else result))
-
-    return run
-
-
 def benchmark_steps(args) -> None:
     config = recipes.load_config_file(args.config)
+    if args.image_size:
+        config.image_size = args.image_size
+    if args.dtype:
+        config.dtype = args.dtype
     batches, class_names = load_batches(config, args.data_dir, args.batches)
+    with_torch = not args.no_torch and has_torch()
     print(f"Device: {describe_device()}; JAX {jax.__version__} on {jax.default_backend()}")
-    peak = matmul_peak_gflops()
-    print(f"f32 matmul peak measured here: {peak:.0f} GFLOP/s")
+    peaks = measure_peaks(with_torch)
     print(f"Model {config.model}, {config.image_size}px, batch {config.batch_size}, "
           f"{len(batches)} real batches from {args.data_dir if os.path.isdir(args.data_dir or '') else 'random data'}")
+    ours = models.create_model(config, 1 if len(class_names) == 2 else len(class_names))
+    counts = [f"imgclf_jax {models.count_params(ours.init(jax.random.key(0), batches[0]['image'][:1])['params']):,}"]
+    if not args.no_keras:
+        counts.append(f"Keras {framework_twins.keras_param_count(config, len(class_names)):,}")
+    if with_torch:
+        counts.append(f"PyTorch {framework_twins.torch_param_count(config, len(class_names)):,}")
+    print("Parameters: " + ", ".join(counts))
     flops = model_flops_per_step(config, len(class_names), batches[0])
     print(f"Model FLOPs per image (one training step, XLA's count): {flops / config.batch_size / 1e9:.3f} GFLOP")
     options = {} if args.untuned else xla_cpu.compiler_options()
@@ -164,7 +187,9 @@ def benchmark_steps(args) -> None:
     for impl in args.conv_impls.split(","):
         runners[f"imgclf_jax (conv_impl={impl})"] = jax_runner(config, impl, len(class_names), batches, options)
     if not args.no_keras:
-        runners["keras"] = keras_runner(config, len(class_names), batches)
+        runners["keras"] = framework_twins.keras_runner(config, len(class_names), batches)
+    if with_torch:
+        runners["pytorch"] = framework_twins.torch_runner(config, len(class_names), batches)
     for run in runners.values():  # Warm-up: compilation, tracing, allocator.
         run(2)
     best = {name: 0.0 for name in runners}
@@ -185,14 +210,18 @@ def benchmark_steps(args) -> None:
         line = f"  {name:<36} {ips:8.1f} images/s"
         if flops == flops:
             achieved = flops * ips / config.batch_size / 1e9
-            line += f"  {achieved:6.1f} GFLOP/s ({achieved / peak:.0%} of the matmul peak)"
-        if "keras" in best and name != "keras":
-            line += f"  {ips / best['keras']:.2f}x Keras"
+            line += (f"  {achieved:6.1f} GFLOP/s ({achieved / peaks['float32']:.0%} of the f32 peak, "
+                     f"{achieved / peaks['bfloat16']:.0%} of the bf16 peak)")
+        for yardstick, label in (("keras", "Keras"), ("pytorch", "PyTorch")):
+            if yardstick in best and name not in ("keras", "pytorch"):
+                line += f"  {ips / best[yardstick]:.2f}x {label}"
         print(line)
 
 
 def benchmark_pipeline(args) -> None:
     config = recipes.load_config_file(args.config)
+    from imgclf_jax import input_pipeline
+
     source = input_pipeline.load_folder_source(args.data_dir, config.validation_split, 0, config.image_size,
                                                config.max_image_pixels)
     split = source.splits["train"]
@@ -216,7 +245,10 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--conv_impls", default="auto,xla")
+    parser.add_argument("--image_size", type=int, default=0, help="train at this size instead of the config's")
+    parser.add_argument("--dtype", default="", help="compute dtype instead of the config's (bfloat16 on GPUs)")
     parser.add_argument("--no_keras", action="store_true")
+    parser.add_argument("--no_torch", action="store_true", help="leave PyTorch out even if it is installed")
     parser.add_argument("--pipeline", action="store_true", help="time the input pipeline alone")
     parser.add_argument("--untuned", action="store_true",
                         help="leave malloc and the XLA:CPU options at their defaults (imgclf_jax.xla_cpu does not "

@@ -18,7 +18,8 @@ except ImportError:
 else:
     pillow_heif.register_heif_opener()
 
-SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
 def class_image(label: int, size: tuple[int, int] = (24, 20), seed: int = 0) -> np.ndarray:

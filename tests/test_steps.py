@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import fresh_state
-from imgclf_jax import augmentation, input_pipeline, losses, mixing, steps, train_state
+from imgclf_jax import augmentation, losses, mixing, steps, train_state
 
 
 @pytest.mark.parametrize("loss_kind, num_classes", [("sigmoid", 2), ("softmax", 3)])
@@ -112,6 +112,8 @@ def test_weight_average_follows_each_step_and_is_what_evaluation_uses(tiny_confi
 
 
 def test_evaluation_counts_each_example_once_whatever_the_batch_size(tiny_config, two_class_dir):
+    # Imported here so that the rest of this file runs where TensorFlow is absent (scripts/device_check.sh).
+    input_pipeline = pytest.importorskip("imgclf_jax.input_pipeline", reason="needs TensorFlow (tf.data)")
     state = fresh_state(tiny_config, 1)
     source = input_pipeline.load_folder_source(str(two_class_dir), 0.2, 0, 16, 10**8)
     prepared = input_pipeline.prepare(source.splits["validation"], 16, "squash", cache=True)

@@ -43,7 +43,7 @@ def get_config():
     # stages): a few minutes for a few hundred photos, 20 for a few thousand, on a 2-core CPU.
     config.epochs = 200
     config.auto_time_budget.seconds_per_image = 0.45
-    config.auto_time_budget.min_minutes = 2.0
+    config.auto_time_budget.min_minutes = 5.0
     config.auto_time_budget.max_minutes = 20.0
     config.early_stopping_share = 0.25
     config.validate_every = 11  # And every epoch of the last stage, where the best epoch is found.
