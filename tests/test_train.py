@@ -649,3 +649,15 @@ def test_photos_smaller_than_the_image_size_set_the_size(tiny_config, two_class_
     assert json.loads((tmp_path / "w" / "config.json").read_text())["image_size"] == 64
     assert "Image size: 64 px, the training photos' median shorter side (20 px), instead of 96" in caplog.text
     assert inference.load_run(str(tmp_path / "w")).config.image_size == 64
+
+
+def test_an_unchanged_plan_reuses_the_optimizer_so_the_timed_steps_stay_compiled(tiny_config):
+    tiny_config.lr_schedule = "cosine"
+    run = trainer._Run(source=None, loss_kind="sigmoid", mesh=None, model=None, steps_per_epoch=5, rows=(0, 8),
+                       train_images=None, val_images=None, train_step=None, eval_step=None)
+    first = run.optimizer(tiny_config)
+    assert run.optimizer(tiny_config.copy_and_resolve_references()) is first  # An equal config: the same objects.
+    replanned = tiny_config.copy_and_resolve_references()
+    replanned.epochs += 4
+    assert run.optimizer(replanned)[1] is not first[1]
+    assert run.optimizer(replanned)[0](9) > first[0](9)  # A longer cosine decays more slowly.
