@@ -24,13 +24,19 @@ from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+if "--no_torch" not in sys.argv:
+    try:  # PyTorch's compiler stack (triton) crashes when loaded after jaxlib and TensorFlow: load it first.
+        import torch._dynamo  # noqa: F401
+    except ImportError:
+        pass
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import framework_twins  # noqa: E402 - scripts/, beside this file.
 from imgclf_jax import losses, models, parallel, recipes, schedule, steps, train_state, xla_cpu  # noqa: E402
-from recipe_suite import host  # noqa: E402
+from recipe_suite import cpu_flags, host  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "datasets", "cats_vs_dogs")
@@ -44,11 +50,7 @@ def describe_device() -> str:
 
 
 def has_torch() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return "torch" in sys.modules  # Imported at the top unless --no_torch.
 
 
 def matmul_peak_gflops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
@@ -68,8 +70,8 @@ def numpy_matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 def measure_peaks(with_torch: bool) -> dict[str, float]:
     """The device's measured matmul peaks (GFLOP/s) by dtype. On a CPU: float32 the best of XLA, numpy and
-    PyTorch, bfloat16 the best of XLA and PyTorch (2048x2048); on an accelerator, XLA's alone (8192x8192).
-    Each source is printed."""
+    PyTorch, bfloat16 the best of XLA and PyTorch (2048x2048), None where the CPU has no native bfloat16; on
+    an accelerator, XLA's alone (8192x8192). Each source is printed."""
     if jax.default_backend() != "cpu":
         found = {"float32 XLA": matmul_peak_gflops(n=8192), "bfloat16 XLA": matmul_peak_gflops(jnp.bfloat16, 8192)}
         print("Matmul peaks measured here (8192x8192): " + ", ".join(f"{k} {v:.0f}" for k, v in found.items())
@@ -79,10 +81,14 @@ def measure_peaks(with_torch: bool) -> dict[str, float]:
              "bfloat16 XLA": matmul_peak_gflops(jnp.bfloat16)}
     if with_torch:
         found["float32 PyTorch"] = framework_twins.torch_matmul_peak_gflops("float32")
-        found["bfloat16 PyTorch"] = framework_twins.torch_matmul_peak_gflops("bfloat16")
+        if cpu_flags() & {"avx512_bf16", "amx_bf16"}:  # Elsewhere bfloat16 is emulated, far below float32.
+            found["bfloat16 PyTorch"] = framework_twins.torch_matmul_peak_gflops("bfloat16")
     print("Matmul peaks measured here (2048x2048): " + ", ".join(f"{k} {v:.0f}" for k, v in found.items())
           + " GFLOP/s")
-    return {dtype: max(v for k, v in found.items() if k.startswith(dtype)) for dtype in ("float32", "bfloat16")}
+    peaks = {dtype: max(v for k, v in found.items() if k.startswith(dtype)) for dtype in ("float32", "bfloat16")}
+    if not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        peaks["bfloat16"] = None  # No native bfloat16 arithmetic here: XLA's bfloat16 runs as float32.
+    return peaks
 
 
 def _steal_seconds() -> Optional[float]:
@@ -210,8 +216,8 @@ def benchmark_steps(args) -> None:
         line = f"  {name:<36} {ips:8.1f} images/s"
         if flops == flops:
             achieved = flops * ips / config.batch_size / 1e9
-            line += (f"  {achieved:6.1f} GFLOP/s ({achieved / peaks['float32']:.0%} of the f32 peak, "
-                     f"{achieved / peaks['bfloat16']:.0%} of the bf16 peak)")
+            line += f"  {achieved:6.1f} GFLOP/s ({achieved / peaks['float32']:.0%} of the f32 peak"
+            line += f", {achieved / peaks['bfloat16']:.0%} of the bf16 peak)" if peaks["bfloat16"] else ")"
         for yardstick, label in (("keras", "Keras"), ("pytorch", "PyTorch")):
             if yardstick in best and name not in ("keras", "pytorch"):
                 line += f"  {ips / best[yardstick]:.2f}x {label}"

@@ -10,6 +10,7 @@ benchmark times the model's step alone.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
@@ -91,7 +92,7 @@ def keras_runner(config, num_classes: int, batches) -> Callable[[int], None]:
 
 
 def keras_param_count(config, num_classes: int) -> int:
-    return int(keras_model(config, num_classes).count_params())
+    return sum(math.prod(w.shape) for w in keras_model(config, num_classes).trainable_weights)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def torch_runner(config, num_classes: int, batches) -> Callable[[int], None]:
             loss = loss_fn(logits[:, 0], y) if num_classes == 2 else loss_fn(logits, y)
             loss.backward()
             optimizer.step()
-        float(loss)
+        loss.item()
 
     return run
 

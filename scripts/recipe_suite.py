@@ -75,18 +75,25 @@ def keras_score(name: str, folder: Path, out: Path, cache: dict) -> tuple[float,
     return cache[key]["accuracy"], minutes
 
 
-def host() -> str:
-    """The CPU model and its vector extensions, named beside every timing."""
-    model, flags = platform.processor() or platform.machine(), set()
+def _cpuinfo_field(name: str) -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    return set(_cpuinfo_field("flags").split())
+
+
+def host() -> str:
+    """The CPU model and its vector extensions, named beside every timing."""
+    model = _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in cpu_flags()]
     return f"{os.cpu_count()}-core {model} ({', '.join(vector) or 'no AVX2'})"
 
 
