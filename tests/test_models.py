@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import flax.linen as nn
 import jax
@@ -190,23 +189,18 @@ def test_resnet_stem_pool_halves_the_blocks_resolution_with_the_same_parameters(
 @pytest.mark.slow
 @pytest.mark.parametrize("framework", ["keras", "torch"])
 @pytest.mark.parametrize("recipe, num_classes", [("default", 2), ("default", 5), ("tutorial_cnn", 3)])
-def test_the_benchmarks_keras_and_pytorch_twins_have_our_parameters(framework, recipe, num_classes):
+def test_the_benchmarks_keras_and_pytorch_twins_have_our_parameters(framework, recipe, num_classes, monkeypatch):
     pytest.importorskip(framework, reason=f"{framework} is a yardstick of scripts/benchmark.py, not a dependency")
-    import sys
-
     from helpers import REPO
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import framework_twins
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import framework_twins
+
     config = recipes.load_config_file(recipe)
     config.image_size = 96
     ours = models.count_params(_init(models.create_model(config, 1 if num_classes == 2 else num_classes), 96)["params"])
     if framework == "keras":
-        twin = framework_twins.keras_model(config, num_classes)
-        theirs = sum(math.prod(w.shape) for w in twin.trainable_weights)
+        theirs = framework_twins.keras_param_count(config, num_classes)
     else:
         theirs = framework_twins.torch_param_count(config, num_classes)
     assert theirs == ours
