@@ -95,6 +95,25 @@ def _define_flags() -> None:
                       "cluster (SLURM, Open MPI, Kubernetes, TPU pods), as jax.distributed does.")
 
 
+def apply_flags(config: ml_collections.ConfigDict, flag_values: Any) -> None:
+    """Applies the plain flags to `config`. What a flag asks for is what the run does: `--epochs N` trains N
+    epochs (no time budget re-plans them), `--time_budget_minutes M` replaces the recipe's budget (0: none),
+    and `--image_size S` is kept even where the photos are smaller (image_size_from_photos)."""
+    if flag_values.epochs is not None and flag_values.time_budget_minutes is not None:
+        raise UserError("--epochs and --time_budget_minutes each decide how long to train; give one of them")
+    if flag_values.epochs is not None or flag_values.time_budget_minutes is not None:
+        config.time_budget_minutes, config.auto_time_budget.seconds_per_image = 0.0, 0.0
+        config.progressive.stage_epochs = 0
+    if flag_values.image_size is not None:
+        config.image_size_from_photos = False
+    config_lib.apply_overrides(
+        config, data_dir=flag_values.data_dir, dataset=flag_values.dataset, epochs=flag_values.epochs,
+        batch_size=flag_values.batch_size, learning_rate=flag_values.learning_rate,
+        image_size=flag_values.image_size, seed=flag_values.seed, strict=flag_values.strict,
+        time_budget_minutes=flag_values.time_budget_minutes,
+    )
+
+
 def main(argv) -> None:
     from absl import flags
 
@@ -105,16 +124,7 @@ def main(argv) -> None:
     if not parallel.is_main_process():
         logging.getLogger().setLevel(logging.WARNING)  # Process 0 speaks for the run.
     config = FLAGS.config
-    if FLAGS.epochs is not None and FLAGS.time_budget_minutes is not None:
-        raise UserError("--epochs and --time_budget_minutes each decide how long to train; give one of them")
-    if FLAGS.epochs is not None:  # A number of epochs asked for is trained, not re-planned by a budget.
-        config.time_budget_minutes, config.auto_time_budget.seconds_per_image = 0.0, 0.0
-        config.progressive.stage_epochs = 0
-    config_lib.apply_overrides(
-        config, data_dir=FLAGS.data_dir, dataset=FLAGS.dataset, epochs=FLAGS.epochs,
-        batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, image_size=FLAGS.image_size,
-        seed=FLAGS.seed, strict=FLAGS.strict, time_budget_minutes=FLAGS.time_budget_minutes,
-    )
+    apply_flags(config, FLAGS)
     train_and_evaluate(config, config_lib.default_workdir(config, FLAGS.workdir))
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from helpers import fresh_state
-from imgclf_jax import (checkpointing, inference, input_pipeline, losses, recipes, schedule, steps, time_budget,
-                        train, train_state, trainer)
+from imgclf_jax import (checkpointing, config_lib, inference, input_pipeline, losses, recipes, schedule, steps,
+                        time_budget, train, train_state, trainer)
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import REQUIRED_KEYS, read_metrics
 
@@ -661,3 +661,31 @@ def test_an_unchanged_plan_reuses_the_optimizer_so_the_timed_steps_stay_compiled
     replanned.epochs += 4
     assert run.optimizer(replanned)[1] is not first[1]
     assert run.optimizer(replanned)[0](9) > first[0](9)  # A longer cosine decays more slowly.
+
+
+@pytest.mark.parametrize("flag_values, expected", [
+    # (epochs, time_budget_minutes, image_size) -> (epochs, budget minutes for 1000 images, image_size_from_photos)
+    ((None, None, None), (200, 7.5, True)),  # The recipe's own: a budget growing with the data.
+    ((30, None, None), (30, 0.0, True)),  # Exactly 30 epochs, no budget.
+    ((None, 12.0, None), (200, 12.0, True)),  # Another budget.
+    ((None, 0.0, None), (200, 0.0, True)),  # No budget at all: the recipe's most epochs.
+    ((None, None, 224), (200, 7.5, False)),  # The size asked for, whatever the photos' size.
+])
+def test_plain_flags_mean_what_they_say(flag_values, expected):
+    import types
+
+    epochs, minutes, size = flag_values
+    values = types.SimpleNamespace(epochs=epochs, time_budget_minutes=minutes, image_size=size, data_dir="d",
+                                   dataset=None, batch_size=None, learning_rate=None, seed=None, strict=None)
+    config = recipes.load_config_file("default")
+    train.apply_flags(config, values)
+    assert (config.epochs, config_lib.time_budget_minutes(config, 1000), config.image_size_from_photos) == expected
+    assert config.image_size == (size or 160)
+
+
+def test_epochs_and_a_time_budget_together_are_refused():
+    import types
+
+    values = types.SimpleNamespace(epochs=3, time_budget_minutes=5.0, image_size=None)
+    with pytest.raises(UserError, match="give one of them"):
+        train.apply_flags(recipes.load_config_file("default"), values)
