@@ -34,7 +34,7 @@ $PY -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" || echo "WARN
 
 step "2. model and step tests on the device"
 timeout 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_models.py tests/test_steps.py \
-    tests/test_train_state.py tests/test_losses.py tests/test_mixing.py tests/test_augmentation.py \
+    tests/test_train_state.py tests/test_losses.py tests/test_mixing.py \
     tests/test_pooling.py tests/test_schedule.py
 tests_rc=$?
 
