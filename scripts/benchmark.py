@@ -178,7 +178,8 @@ def benchmark_steps(args) -> None:
     peaks = measure_peaks(with_torch)
     print(f"Model {config.model}, {config.image_size}px, batch {config.batch_size}, "
           f"{len(batches)} real batches from {args.data_dir if os.path.isdir(args.data_dir or '') else 'random data'}")
-    ours = models.create_model(config, 1 if len(class_names) == 2 else len(class_names))
+    loss_kind = losses.resolve_loss(config.loss, len(class_names))
+    ours = models.create_model(config, losses.num_outputs(loss_kind, len(class_names)))
     counts = [f"imgclf_jax {models.count_params(ours.init(jax.random.key(0), batches[0]['image'][:1])['params']):,}"]
     if not args.no_keras:
         counts.append(f"Keras {framework_twins.keras_param_count(config, len(class_names)):,}")

@@ -16,9 +16,12 @@ from typing import Callable
 
 import numpy as np
 
+from imgclf_jax import losses
+
 
 def _outputs(num_classes: int) -> int:
-    return 1 if num_classes == 2 else num_classes
+    """Our logits for `num_classes` with the 'auto' loss: one (sigmoid) for two classes, else one a class."""
+    return losses.num_outputs(losses.resolve_loss("auto", num_classes), num_classes)
 
 
 # ---------------------------------------------------------------------------------------------------------
