@@ -220,7 +220,8 @@ def _stops_early(config: ml_collections.ConfigDict, record: dict[str, Any], epoc
 
 
 def _prepare(config: ml_collections.ConfigDict) -> _Run:
-    """Opens the data and builds the model and its jitted steps (nothing is written)."""
+    """Opens the data and builds the model and its jitted steps (nothing is written). Sets config.image_size
+    to the photos' size where image_size_from_photos asks for it, so the rest of the run sees the size trained."""
     mesh = parallel.create_mesh()
     parallel.check_batch_size("batch_size", config.batch_size, mesh.devices.size)
     source = input_pipeline.load_source(config)
