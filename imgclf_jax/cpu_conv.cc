@@ -1,4 +1,4 @@
-// f32 NHWC x HWIO 2-D convolutions for XLA:CPU on x86-64 with AVX2 + FMA, called through the XLA FFI.
+// f32 NHWC x HWIO 2-D convolutions for XLA:CPU on x86-64 with AVX2 + FMA or AVX-512, called through the XLA FFI.
 //
 // Why: XLA:CPU's own convolutions reach 15-60% of this machine's matmul peak on small CNNs (a 3-channel first
 // layer runs at 15 GFLOP/s, and weight gradients pay for layout transposes); docs/performance.md has the
@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -34,7 +35,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kMaxRows = 6;  // Register block: 6 rows x 16 columns = 12 accumulators of 8 floats.
+// Floats per vector in the matrix tiles: 8 (AVX2) or 16 (AVX-512). cpu_conv.py builds one library per
+// variant it may use (its VARIANTS), with -DIMGCLF_LANES and the matching -m flags.
+#ifndef IMGCLF_LANES
+#define IMGCLF_LANES 8
+#endif
+constexpr int kLanes = IMGCLF_LANES;
+static_assert(kLanes == 8 || kLanes == 16, "IMGCLF_LANES must be 8 or 16");
+
+constexpr int kMaxRows = 6;  // Register block: 6 rows x 2 vectors = 12 accumulators.
 constexpr int64_t kTilePixels = 192;  // Pixels per weight-gradient tile (their rows of dy stay in L1/L2).
 
 struct Geometry {
@@ -44,7 +53,7 @@ struct Geometry {
   int64_t ho, wo;           // output
   int64_t hp, wp;           // padded extent the windows read: (ho - 1) * s + k
   int64_t len() const { return kw * c; }        // contiguous values per kernel row and output pixel
-  int64_t op() const { return (o + 7) / 8 * 8; }  // output channels rounded up to whole vectors
+  int64_t op() const { return (o + 7) / 8 * 8; }  // output channels rounded up to whole 8-float vectors
 };
 
 int NumThreads() {
@@ -169,7 +178,10 @@ inline void Store(float* p, T v) {
   std::memcpy(p, &v, sizeof(T));
 }
 
-using Vec8 = float __attribute__((vector_size(32)));  // GCC/Clang vector extension: 8 floats, + - * ?: work.
+// GCC/Clang vector extensions (+ - * ?: work on them): 8 floats, and kLanes floats for the matrix tiles.
+using Vec8 = float __attribute__((vector_size(32)));
+using Vec16 = float __attribute__((vector_size(64)));
+using VecL = std::conditional_t<kLanes == 16, Vec16, Vec8>;
 
 // Calls body(k, T{}) for channels k = 0, 8, 16, ... with T = Vec8, then one at a time with T = float.
 template <typename F>
@@ -199,57 +211,72 @@ inline void PoolWindow(T v0, T v1, T v2, T v3, T bias, float* y, uint8_t* choice
   for (size_t l = 0; l < sizeof(T) / sizeof(float); ++l) choice[l] = static_cast<uint8_t>(positions[l]);
 }
 
-// NR output pixels (`pixel_step` floats apart in the padded image) x NV*8 output channels.
-template <int NR, int NV>
+template <typename V>
+constexpr int Lanes() {
+  return static_cast<int>(sizeof(V) / sizeof(float));
+}
+
+// A vector of V with every lane s: the scalar is broadcast, and subtracting 0 (exact for every s, -0 included)
+// is folded away, leaving one broadcast instruction.
+template <typename V>
+inline V Splat(float s) {
+  return s - V{};
+}
+
+// NR output pixels (`pixel_step` floats apart in the padded image) x NV vectors V of output channels. The
+// multiply-adds are written as a * b + c and compiled to FMA instructions (-ffp-contract=fast).
+template <int NR, int NV, typename V>
 void ForwardTile(const float* a, int64_t pixel_step, int64_t row_step, const float* w, int64_t op,
                  int64_t kh, int64_t len, float* out, int64_t out_channels, int64_t valid) {
-  __m256 acc[NR][NV];
+  constexpr int kL = Lanes<V>();
+  V acc[NR][NV];
   _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = V{};
   for (int64_t i = 0; i < kh; ++i) {
     const float* ai = a + i * row_step;
     const float* wi = w + i * len * op;
     for (int64_t l = 0; l < len; ++l) {
-      __m256 b[NV];
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(wi + l * op + 8 * v);
+      V b[NV];
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) b[v] = Load<V>(wi + l * op + kL * v);
       _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
-        const __m256 ar = _mm256_broadcast_ss(ai + r * pixel_step + l);
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(ar, b[v], acc[r][v]);
+        const V ar = Splat<V>(ai[r * pixel_step + l]);
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = ar * b[v] + acc[r][v];
       }
     }
   }
   _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
     float* dst = out + r * out_channels;
-    if (valid == NV * 8) {
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) _mm256_storeu_ps(dst + 8 * v, acc[r][v]);
+    if (valid == NV * kL) {
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) Store(dst + kL * v, acc[r][v]);
     } else {
-      alignas(32) float tmp[NV * 8];
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) _mm256_store_ps(tmp + 8 * v, acc[r][v]);
+      float tmp[NV * kL];
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) Store(tmp + kL * v, acc[r][v]);
       std::memcpy(dst, tmp, sizeof(float) * valid);
     }
   }
 }
 
-// NR consecutive kernel values (of one kernel row) x NV*8 output channels, summed over np pixels whose
-// offsets into the padded image and into dy are given.
-template <int NR, int NV>
+// NR consecutive kernel values (of one kernel row) x NV vectors V of output channels, summed over np pixels
+// whose offsets into the padded image and into dy are given.
+template <int NR, int NV, typename V>
 void WeightGradTile(const float* a, const int64_t* a_offsets, const float* d, const int64_t* d_offsets,
                     int64_t pixels, float* g, int64_t op) {
-  __m256 acc[NR][NV];
+  constexpr int kL = Lanes<V>();
+  V acc[NR][NV];
   _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_loadu_ps(g + r * op + 8 * v);
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = Load<V>(g + r * op + kL * v);
   for (int64_t p = 0; p < pixels; ++p) {
     const float* ap = a + a_offsets[p];
     const float* dp = d + d_offsets[p];
-    __m256 b[NV];
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(dp + 8 * v);
+    V b[NV];
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) b[v] = Load<V>(dp + kL * v);
     _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
-      const __m256 ar = _mm256_broadcast_ss(ap + r);
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(ar, b[v], acc[r][v]);
+      const V ar = Splat<V>(ap[r]);
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = ar * b[v] + acc[r][v];
     }
   }
   _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) _mm256_storeu_ps(g + r * op + 8 * v, acc[r][v]);
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) Store(g + r * op + kL * v, acc[r][v]);
 }
 
 using ForwardFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*,
@@ -257,21 +284,30 @@ using ForwardFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t
 using WeightGradFn = void (*)(const float*, const int64_t*, const float*, const int64_t*, int64_t, float*,
                               int64_t);
 
-template <int NR, int NV>
+template <int NR, int NV, typename V>
 struct ForwardKernel {
-  static constexpr ForwardFn fn = ForwardTile<NR, NV>;
+  static constexpr ForwardFn fn = ForwardTile<NR, NV, V>;
 };
-template <int NR, int NV>
+template <int NR, int NV, typename V>
 struct WeightGradKernel {
-  static constexpr WeightGradFn fn = WeightGradTile<NR, NV>;
+  static constexpr WeightGradFn fn = WeightGradTile<NR, NV, V>;
 };
 
-template <template <int, int> class K, typename Fn>
-Fn Pick(int rows, int vectors) {
-  static const Fn table[kMaxRows][2] = {
-      {K<1, 1>::fn, K<1, 2>::fn}, {K<2, 1>::fn, K<2, 2>::fn}, {K<3, 1>::fn, K<3, 2>::fn},
-      {K<4, 1>::fn, K<4, 2>::fn}, {K<5, 1>::fn, K<5, 2>::fn}, {K<6, 1>::fn, K<6, 2>::fn}};
-  return table[rows - 1][vectors - 1];
+// The output channels [ob, op) are covered in blocks of two kLanes-float vectors, then one, then (16 lanes
+// only) one 8-float vector for a remainder of 8: op is a whole number of 8-float vectors.
+int64_t BlockWidth(int64_t remaining) {
+  if (remaining >= 2 * kLanes) return 2 * kLanes;
+  return remaining >= kLanes ? kLanes : 8;
+}
+
+// The tile for `rows` rows and a block of `width` (BlockWidth's) output channels.
+template <template <int, int, typename> class K, typename Fn>
+Fn Pick(int rows, int64_t width) {
+  static const Fn table[kMaxRows][3] = {
+      {K<1, 1, Vec8>::fn, K<1, 1, VecL>::fn, K<1, 2, VecL>::fn}, {K<2, 1, Vec8>::fn, K<2, 1, VecL>::fn, K<2, 2, VecL>::fn},
+      {K<3, 1, Vec8>::fn, K<3, 1, VecL>::fn, K<3, 2, VecL>::fn}, {K<4, 1, Vec8>::fn, K<4, 1, VecL>::fn, K<4, 2, VecL>::fn},
+      {K<5, 1, Vec8>::fn, K<5, 1, VecL>::fn, K<5, 2, VecL>::fn}, {K<6, 1, Vec8>::fn, K<6, 1, VecL>::fn, K<6, 2, VecL>::fn}};
+  return table[rows - 1][width == 2 * kLanes ? 2 : width == kLanes ? 1 : 0];
 }
 
 // Kernel (kh, kw, c, o) -> (kh * len, op), output channels zero-padded to whole vectors.
@@ -286,12 +322,12 @@ std::vector<float> PackKernel(const float* w, const Geometry& g) {
 void ForwardRow(const float* row, const float* packed, const Geometry& g, float* out_row) {
   const int64_t op = g.op();
   // Output channels outer, pixels inner: one block's weights (kh * len * 16 floats) stay in L1/L2.
-  for (int64_t ob = 0; ob < op; ob += 16) {
-    const int vectors = op - ob >= 16 ? 2 : 1;
-    const int64_t valid = std::min<int64_t>(8 * vectors, g.o - ob);
+  for (int64_t ob = 0, width; ob < op; ob += width) {
+    width = BlockWidth(op - ob);
+    const int64_t valid = std::min<int64_t>(width, g.o - ob);
     for (int64_t ox = 0; ox < g.wo; ox += kMaxRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, g.wo - ox));
-      Pick<ForwardKernel, ForwardFn>(rows, vectors)(row + ox * g.sw * g.c, g.sw * g.c, g.wp * g.c, packed + ob, op,
+      Pick<ForwardKernel, ForwardFn>(rows, width)(row + ox * g.sw * g.c, g.sw * g.c, g.wp * g.c, packed + ob, op,
                                                    g.kh, g.len(), out_row + ox * g.o + ob, g.o, valid);
     }
   }
@@ -379,9 +415,9 @@ void WeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, const Ge
           for (int64_t i = 0; i < g.kh; ++i) {
             for (int64_t l = 0; l < len; l += kMaxRows) {
               const int block = static_cast<int>(std::min<int64_t>(kMaxRows, len - l));
-              for (int64_t ob = 0; ob < op; ob += 16) {
-                const int vectors = op - ob >= 16 ? 2 : 1;
-                Pick<WeightGradKernel, WeightGradFn>(block, vectors)(
+              for (int64_t ob = 0, width; ob < op; ob += width) {
+                width = BlockWidth(op - ob);
+                Pick<WeightGradKernel, WeightGradFn>(block, width)(
                     buf.data() + i * g.wp * g.c + l, a_offsets.data(), d + ob, d_offsets.data(), tile,
                     total.data() + (i * len + l) * op + ob, op);
               }
@@ -577,12 +613,12 @@ void WinogradForward(const ImageSource& x, const float* w, const Output& out, co
         for (int64_t xi = 0; xi < 16; ++xi) {
           const float* vx = v.data() + xi * count * c;
           float* mx = m.data() + xi * count * op;
-          for (int64_t ob = 0; ob < op; ob += 16) {
-            const int vectors = op - ob >= 16 ? 2 : 1;
+          for (int64_t ob = 0, width; ob < op; ob += width) {
+            width = BlockWidth(op - ob);
             for (int64_t t = 0; t < count; t += kMaxRows) {
               const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, count - t));
-              Pick<ForwardKernel, ForwardFn>(rows, vectors)(vx + t * c, c, 0, u.data() + xi * c * op + ob, op, 1,
-                                                           c, mx + t * op + ob, op, 8 * vectors);
+              Pick<ForwardKernel, ForwardFn>(rows, width)(vx + t * c, c, 0, u.data() + xi * c * op + ob, op, 1, c,
+                                                         mx + t * op + ob, op, width);
             }
           }
         }
@@ -627,9 +663,9 @@ void WinogradWeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, 
         for (int64_t xi = 0; xi < 16; ++xi) {
           for (int64_t k = 0; k < c; k += kMaxRows) {
             const int block = static_cast<int>(std::min<int64_t>(kMaxRows, c - k));
-            for (int64_t ob = 0; ob < op; ob += 16) {
-              const int vectors = op - ob >= 16 ? 2 : 1;
-              Pick<WeightGradKernel, WeightGradFn>(block, vectors)(
+            for (int64_t ob = 0, width; ob < op; ob += width) {
+              width = BlockWidth(op - ob);
+              Pick<WeightGradKernel, WeightGradFn>(block, width)(
                   v.data() + xi * count * c + k, v_offsets.data(), e.data() + xi * count * op + ob,
                   e_offsets.data(), count, total.data() + (xi * c + k) * op + ob, op);
             }
@@ -798,5 +834,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvPooledWeightGrad, PooledWeightGradImpl,
 
 // Lets the loader refuse a CPU without the instructions the kernels were compiled for.
 extern "C" int ImgclfConvCpuSupported() {
+#ifdef __AVX512F__
+  if (!__builtin_cpu_supports("avx512f")) return 0;
+#endif
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }

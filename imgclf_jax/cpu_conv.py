@@ -1,8 +1,9 @@
-"""Native f32 convolution kernels for x86-64 CPUs (AVX2 + FMA), compiled on first use and called through the XLA FFI.
+"""Native f32 convolution kernels for x86-64 CPUs (AVX2 + FMA, or AVX-512), compiled on first use and called
+through the XLA FFI.
 
 The C++ source sits beside this file (`cpu_conv.cc`; why and how in its header). It is compiled once per
-machine with the system C++ compiler into `user_cache.cache_dir()` and loaded from there afterwards (about 4 s the
-first time). Where that cannot happen — no compiler, another CPU architecture, a CPU without AVX2/FMA, a
+machine with the system C++ compiler, for the widest vectors the CPU has (`variant`: 16 floats with AVX-512,
+8 with AVX2), into `user_cache.cache_dir()` and loaded from there afterwards (about 4 s the first time). Where that cannot happen — no compiler, another CPU architecture, a CPU without AVX2/FMA, a
 jaxlib without the FFI — `available()` says False and the models keep XLA's own convolutions, so nothing
 depends on the kernels but speed.
 """
@@ -29,7 +30,18 @@ from imgclf_jax import user_cache
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_conv.cc")
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread")
+_FLAGS = ("-O3", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
+# The builds of the source: name -> (their own compiler flags, the CPU flags they need). IMGCLF_LANES is the
+# floats per vector of the matrix tiles. "avx2_lanes16" is the AVX-512 build's code compiled for AVX2: it runs
+# the 16-lane blocking on any AVX2 CPU, so that its logic is tested on every x86-64 host
+# (tests/test_conv.py), while "avx512" itself runs only where the CPU has AVX-512.
+VARIANTS = {
+    "avx2": (("-mavx2", "-mfma", "-DIMGCLF_LANES=8"), ("avx2", "fma")),
+    "avx512": (("-mavx512f", "-mavx2", "-mfma", "-DIMGCLF_LANES=16"), ("avx2", "fma", "avx512f")),
+    "avx2_lanes16": (("-mavx2", "-mfma", "-DIMGCLF_LANES=16", "-Wno-psabi"), ("avx2", "fma")),
+}
+# Names one of VARIANTS to use instead of the best this CPU runs (benchmarks and tests compare them).
+VARIANT_ENV = "IMGCLF_CONV_VARIANT"
 # XLA FFI target name -> the handler's symbol in the library.
 _TARGETS = {
     "imgclf_conv_forward": "ImgclfConvForward",
@@ -41,19 +53,35 @@ _TARGETS = {
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def cpu_has_avx2_fma() -> bool:
-    """Whether the operating system reports AVX2 and FMA for this CPU (/proc/cpuinfo on Linux, sysctl on
-    macOS); False where it cannot tell."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as the operating system reports them, lower case (/proc/cpuinfo's "flags" on
+    Linux, sysctl's features on macOS); empty where it cannot tell."""
     try:
         if platform.system() == "Linux":
             with open("/proc/cpuinfo") as f:
-                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-            return "avx2" in flags and "fma" in flags
+                return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
         features = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
-                                  capture_output=True, text=True, timeout=10).stdout.upper().split()
-        return "AVX2" in features and "FMA" in features
+                                  capture_output=True, text=True, timeout=10).stdout.lower().split()
+        return frozenset(f.replace(".", "_") for f in features)
     except (OSError, subprocess.SubprocessError):
-        return False
+        return frozenset()
+
+
+def variant() -> Optional[str]:
+    """The build of the kernels for this CPU: `IMGCLF_CONV_VARIANT` where set, else "avx512" where the CPU has
+    AVX-512, "avx2" where it has AVX2 and FMA; None where it has neither or the named build needs what it
+    lacks."""
+    forced = os.environ.get(VARIANT_ENV)
+    if forced:
+        if forced not in VARIANTS:
+            log.warning("%s=%s is not one of %s: the CPU's own build is used", VARIANT_ENV, forced, ", ".join(VARIANTS))
+        else:
+            return forced if set(VARIANTS[forced][1]) <= cpu_flags() else None
+    for name in ("avx512", "avx2"):
+        if set(VARIANTS[name][1]) <= cpu_flags():
+            return name
+    return None
 
 
 def _compiler() -> Optional[str]:
@@ -72,22 +100,23 @@ def _compiler_version(compiler: str) -> str:
     return (result.stdout.strip().splitlines() or [""])[0]
 
 
-def _build(compiler: str, include_dir: str) -> Path:
-    """Compiles the kernels into the cache unless already there. The cache key covers what the binary depends
-    on: the source, the flags, the compiler and its version, the jaxlib whose FFI headers it is built
-    against, and the machine's architecture."""
+def _build(compiler: str, include_dir: str, name: str) -> Path:
+    """Compiles the kernels' build `name` (one of VARIANTS) into the cache unless already there. The cache key
+    covers what the binary depends on: the source, the flags, the compiler and its version, the jaxlib whose
+    FFI headers it is built against, and the machine's architecture."""
     import jaxlib
 
-    parts = (SOURCE.read_text(), " ".join(_FLAGS), compiler, _compiler_version(compiler), jaxlib.__version__,
+    flags = (*_FLAGS, *VARIANTS[name][0])
+    parts = (SOURCE.read_text(), " ".join(flags), compiler, _compiler_version(compiler), jaxlib.__version__,
              include_dir, platform.machine())
     key = hashlib.sha1(b"\0".join(part.encode() for part in parts)).hexdigest()[:16]
-    target = Path(user_cache.cache_dir()) / f"cpu_conv-{key}.so"
+    target = Path(user_cache.cache_dir()) / f"cpu_conv-{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        cmd = [compiler, *_FLAGS, f"-I{include_dir}", str(SOURCE), "-o", str(built)]
+        cmd = [compiler, *flags, f"-I{include_dir}", str(SOURCE), "-o", str(built)]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
@@ -107,8 +136,8 @@ ENABLE_ENV = "IMGCLF_NATIVE_KERNELS"
 def available() -> bool:
     """True once the kernels are compiled, loaded and registered with XLA for the CPU (at most once a process).
 
-    The one way in to them: the CPU's AVX2/FMA support is read from the operating system before the library,
-    whose static initialisers are AVX2 code, is loaded."""
+    The one way in to them: the CPU's flags are read from the operating system, and the build for them
+    chosen (`variant`), before the library, whose static initialisers are AVX2 or AVX-512 code, is loaded."""
     global _registered
     if _registered is not None:
         return True
@@ -117,21 +146,23 @@ def available() -> bool:
         return False
     if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() not in ("Linux", "Darwin"):
         return False
-    if not cpu_has_avx2_fma():
-        log.info("this CPU lacks AVX2/FMA: XLA's own CPU convolutions are used")
+    name = variant()
+    if name is None:
+        log.info("this CPU lacks AVX2/FMA (or what %s names): XLA's own CPU convolutions are used", VARIANT_ENV)
         return False
     compiler = _compiler()
     if compiler is None or not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
         log.info("no C++ compiler or XLA FFI here: XLA's own CPU convolutions are used")
         return False
     try:
-        library = ctypes.cdll.LoadLibrary(str(_build(compiler, jax.ffi.include_dir())))
+        library = ctypes.cdll.LoadLibrary(str(_build(compiler, jax.ffi.include_dir(), name)))
         if not library.ImgclfConvCpuSupported():
-            log.info("this CPU lacks AVX2/FMA: XLA's own CPU convolutions are used")
+            log.info("this CPU lacks what the %s kernels need: XLA's own CPU convolutions are used", name)
             return False
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
         _registered = library
+        log.info("native CPU convolutions: the %s build", name)
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError, AttributeError) as e:
         log.warning("native CPU convolutions unavailable, XLA's are used instead: %s", e)
         return False

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import framework_twins  # noqa: E402 - scripts/, beside this file.
-from imgclf_jax import losses, models, parallel, recipes, schedule, steps, train_state, xla_cpu  # noqa: E402
-from recipe_suite import cpu_flags, host  # noqa: E402
+from imgclf_jax import cpu_conv, losses, models, parallel, recipes, schedule, steps, train_state, xla_cpu  # noqa: E402
+from recipe_suite import host  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "datasets", "cats_vs_dogs")
@@ -81,12 +81,12 @@ def measure_peaks(with_torch: bool) -> dict[str, float]:
              "bfloat16 XLA": matmul_peak_gflops(jnp.bfloat16)}
     if with_torch:
         found["float32 PyTorch"] = framework_twins.torch_matmul_peak_gflops("float32")
-        if cpu_flags() & {"avx512_bf16", "amx_bf16"}:  # Elsewhere bfloat16 is emulated, far below float32.
+        if cpu_conv.cpu_flags() & {"avx512_bf16", "amx_bf16"}:  # Elsewhere bfloat16 is emulated, far below float32.
             found["bfloat16 PyTorch"] = framework_twins.torch_matmul_peak_gflops("bfloat16")
     print("Matmul peaks measured here (2048x2048): " + ", ".join(f"{k} {v:.0f}" for k, v in found.items())
           + " GFLOP/s")
     peaks = {dtype: max(v for k, v in found.items() if k.startswith(dtype)) for dtype in ("float32", "bfloat16")}
-    if not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if not cpu_conv.cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         peaks["bfloat16"] = None  # No native bfloat16 arithmetic here: XLA's bfloat16 runs as float32.
     return peaks
 
@@ -190,6 +190,9 @@ def benchmark_steps(args) -> None:
     print(f"Model FLOPs per image (one training step, XLA's count): {flops / config.batch_size / 1e9:.3f} GFLOP")
     options = {} if args.untuned else xla_cpu.compiler_options()
     print(f"XLA compiler options: {options or 'defaults'}")
+    if "native" in args.conv_impls or "auto" in args.conv_impls:
+        print(f"Native kernels: {f'the {cpu_conv.variant()} build' if cpu_conv.available() else 'not available here'}"
+              f" ({cpu_conv.VARIANT_ENV} picks another)")
     runners = {}
     for impl in args.conv_impls.split(","):
         runners[f"imgclf_jax (conv_impl={impl})"] = jax_runner(config, impl, len(class_names), batches, options)

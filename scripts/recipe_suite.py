@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from imgclf_jax import cpu_conv
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 
@@ -85,15 +87,10 @@ def _cpuinfo_field(name: str) -> str:
     return ""
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
-    return set(_cpuinfo_field("flags").split())
-
-
 def host() -> str:
     """The CPU model and its vector extensions, named beside every timing."""
     model = _cpuinfo_field("model name") or platform.processor() or platform.machine()
-    vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in cpu_flags()]
+    vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in cpu_conv.cpu_flags()]
     return f"{os.cpu_count()}-core {model} ({', '.join(vector) or 'no AVX2'})"
 
 

@@ -13,8 +13,11 @@ import pytest
 from jax import lax
 
 import logging
+import os
 import platform
 import shutil
+import subprocess
+import sys
 
 from imgclf_jax import conv, cpu_conv, models, pooling
 
@@ -113,6 +116,7 @@ def test_unsupported_cases_fall_back_to_lax():
 def test_native_kernels_build_here_and_auto_picks_them():
     assert cpu_conv.available()
     assert models.resolve_conv_impl("auto") == "native"
+    assert f"cpu_conv-{cpu_conv.variant()}-" in cpu_conv._registered._name  # The build for this CPU is loaded.
 
 
 def test_native_kernels_that_fail_to_build_leave_xla_in_charge(monkeypatch, tmp_path, caplog):
@@ -240,7 +244,7 @@ def test_the_kernels_are_never_loaded_when_switched_off_or_on_a_cpu_without_avx2
     if cause == "switched off":
         monkeypatch.setenv(cpu_conv.ENABLE_ENV, "0")
     else:
-        monkeypatch.setattr(cpu_conv, "cpu_has_avx2_fma", lambda: False)
+        monkeypatch.setattr(cpu_conv, "cpu_flags", lambda: frozenset({"sse2", "avx"}))
     cpu_conv.available.cache_clear()
     try:
         assert not cpu_conv.available()
@@ -251,9 +255,48 @@ def test_the_kernels_are_never_loaded_when_switched_off_or_on_a_cpu_without_avx2
 
 
 def test_the_cpu_check_reads_this_machines_flags():
-    import platform
-
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         pytest.skip("reads /proc/cpuinfo of an x86-64 Linux machine")
     flags = open("/proc/cpuinfo").read()
-    assert cpu_conv.cpu_has_avx2_fma() == (" avx2" in flags and " fma" in flags)
+    assert ("avx2" in cpu_conv.cpu_flags()) == (" avx2" in flags)
+    expected = "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags and " fma" in flags else None
+    assert cpu_conv.variant() == expected
+
+
+def test_a_named_build_is_used_only_where_the_cpu_runs_it(monkeypatch):
+    monkeypatch.setattr(cpu_conv, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
+    assert cpu_conv.variant() == "avx2"
+    monkeypatch.setenv(cpu_conv.VARIANT_ENV, "avx2_lanes16")
+    assert cpu_conv.variant() == "avx2_lanes16"
+    monkeypatch.setenv(cpu_conv.VARIANT_ENV, "avx512")
+    assert cpu_conv.variant() is None  # This CPU cannot run it: XLA's convolutions, never an illegal instruction.
+    monkeypatch.setenv(cpu_conv.VARIANT_ENV, "no-such-build")
+    assert cpu_conv.variant() == "avx2"
+    monkeypatch.setattr(cpu_conv, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    monkeypatch.delenv(cpu_conv.VARIANT_ENV)
+    assert cpu_conv.variant() == "avx512"
+
+
+def _builds_this_cpu_runs() -> list:
+    if not NATIVE_EXPECTED:
+        return [pytest.param("", marks=pytest.mark.skip(reason="needs x86-64 and a C++ compiler"))]
+    builds = []
+    for name, (_, needs) in cpu_conv.VARIANTS.items():
+        lacks = sorted(set(needs) - cpu_conv.cpu_flags())
+        reason = (f"this CPU lacks {', '.join(lacks)}" if lacks else
+                  "the tests above run this build" if name == cpu_conv.variant() else None)
+        builds.append(pytest.param(name, marks=[pytest.mark.skip(reason=reason)] if reason else []))
+    return builds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", _builds_this_cpu_runs())
+def test_every_build_of_the_kernels_this_cpu_runs_matches_xla(build):
+    """The native-kernel tests above, in a process that loads build `build` (one library per process)."""
+    env = {**os.environ, cpu_conv.VARIANT_ENV: build}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "native or fused or build_here", "--deselect", f"{__file__}::test_every_build_of_the_kernels_this_cpu_runs_matches_xla"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-1000:]
