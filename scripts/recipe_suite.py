@@ -2,7 +2,7 @@
 
     python scripts/recipe_suite.py --config default --out /tmp/suite \\
         flowers5=../shared/datasets/flowers5 weather4=../shared/datasets/weather4 \\
-        corn_leaf=../shared/datasets/corn_leaf held_out:small=/tmp/photos_small
+        corn_leaf=../shared/datasets/corn_leaf held_out:small=/tmp/photos_small [-- --config.epochs=300]
 
 Each folder needs `train/` and `test/` (and may have `validation/`). For each, in turn (never two at once),
 it runs the training command as a user would (`python -m imgclf_jax.train --config C --data_dir F`), scores
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from imgclf_jax import cpu_conv
 
@@ -94,20 +95,29 @@ def host() -> str:
     return f"{os.cpu_count()}-core {model} ({', '.join(vector) or 'no AVX2'})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The suite's own arguments, and the training command's flags: whatever follows a `--`."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s [options] NAME=FOLDER ... [-- TRAINING FLAGS]")
     parser.add_argument("folders", nargs="+", help="NAME=FOLDER, or held_out:NAME=FOLDER")
     parser.add_argument("--config", default="default", help="the recipe to score (a name or a file)")
     parser.add_argument("--out", required=True, help="a new folder for the runs, logs and the table")
     parser.add_argument("--no_keras", action="store_true", help="leave the Keras column out")
     parser.add_argument("--keras_cache", help="a JSON file of Keras scores to reuse and extend")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="after --: flags for the training command")
-    args = parser.parse_args()
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    bad = [item for item in args.folders if "=" not in item or item.startswith("-")]
+    if bad:
+        parser.error(f"not NAME=FOLDER: {' '.join(bad)} (training flags go after --)")
+    return args, argv[cut + 1:]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache_path = Path(args.keras_cache) if args.keras_cache else out / "keras_scores.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    overrides = [a for a in args.overrides if a != "--"]
     rows = []
     for item in args.folders:
         name, _, folder = item.partition("=")
