@@ -439,89 +439,183 @@ void WeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, const Ge
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions with at least kWinogradMinChannels input channels.
+// Winograd F(MxM, 3x3), M = 2 or 4, for 3x3 stride-1 convolutions with at least kWinogradMinChannels input
+// channels.
 //
-// Each 2x2 block of outputs ("tile") is computed from the 4x4 input window under it as
+// Each MxM block of outputs ("tile") is computed from the (M+2)x(M+2) input window under it as
 //   Y = A^T [ (G w G^T) (.) (B^T d B) ] A
-// (Lavin & Gray, 2016): 16 elementwise products per input/output channel pair instead of 36 multiply-adds,
-// so 2.25x less arithmetic. The 16 products summed over input channels are 16 small matrix products
-// (tiles x C) . (C x O), which run in ForwardTile; the transforms are additions. The weight gradient is the
-// adjoint: dW = G^T [ sum over tiles (B^T d B) (.) (A dY A^T) ] G, whose inner sums are WeightGradTile's.
-// The transforms' coefficients are 0, +-1 and +-1/2, so results differ from a direct convolution by float
-// rounding only (tests/test_conv.py compares with XLA's).
+// (Lavin & Gray, 2016): (M+2)^2 elementwise products per input/output channel pair instead of 9 M^2
+// multiply-adds, 2.25x (M = 2) or 4x (M = 4) less arithmetic. The products summed over input channels are
+// (M+2)^2 small matrix products (tiles x C) . (C x O), which run in ForwardTile; the transforms are a few
+// additions and multiplications by small constants. The weight gradient is the adjoint:
+// dW = G^T [ sum over tiles (B^T d B) (.) (A dY A^T) ] G, whose inner sums are WeightGradTile's. Results
+// differ from a direct convolution by float rounding: about 1e-7 of the outputs' scale for M = 2 (whose
+// coefficients are 0, +-1 and +-1/2), about 2e-6 for M = 4 (tests/test_conv.py compares with XLA's).
 
-constexpr int64_t kWinogradTiles = 192;       // Tiles per block: one position's share stays in L1/L2.
+// The 1-D transforms of F(2x2, 3x3); each 2-D transform applies one to the columns, then to the rows.
+struct WinogradF2 {
+  static constexpr int kM = 2, kAlpha = 4;
+  template <typename T>  // B^T x
+  static void Input(const T* x, T* y) {
+    y[0] = x[0] - x[2];
+    y[1] = x[1] + x[2];
+    y[2] = x[2] - x[1];
+    y[3] = x[1] - x[3];
+  }
+  template <typename T>  // A^T m
+  static void Output(const T* m, T* y) {
+    y[0] = m[0] + m[1] + m[2];
+    y[1] = m[1] - m[2] - m[3];
+  }
+  template <typename T>  // A d (the output gradient's transform)
+  static void OutputGrad(const T* d, T* e) {
+    e[0] = d[0];
+    e[1] = d[0] + d[1];
+    e[2] = d[0] - d[1];
+    e[3] = -d[1];
+  }
+  static void Kernel(const float* g, float* u) {  // G g
+    u[0] = g[0];
+    u[1] = 0.5f * (g[0] + g[1] + g[2]);
+    u[2] = 0.5f * (g[0] - g[1] + g[2]);
+    u[3] = g[2];
+  }
+  static void KernelGrad(const float* m, float* w) {  // G^T m
+    w[0] = m[0] + 0.5f * (m[1] + m[2]);
+    w[1] = 0.5f * (m[1] - m[2]);
+    w[2] = 0.5f * (m[1] + m[2]) + m[3];
+  }
+};
+
+// F(4x4, 3x3) with the interpolation points 0, +-1, +-2 (Lavin & Gray's matrices).
+struct WinogradF4 {
+  static constexpr int kM = 4, kAlpha = 6;
+  template <typename T>
+  static void Input(const T* x, T* y) {
+    const T a = x[4] - 4.0f * x[2], b = x[3] - 4.0f * x[1], c = x[4] - x[2], d = 2.0f * (x[3] - x[1]);
+    y[0] = 4.0f * x[0] - 5.0f * x[2] + x[4];
+    y[1] = a + b;
+    y[2] = a - b;
+    y[3] = c + d;
+    y[4] = c - d;
+    y[5] = 4.0f * x[1] - 5.0f * x[3] + x[5];
+  }
+  template <typename T>
+  static void Output(const T* m, T* y) {
+    const T s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+    y[0] = m[0] + s12 + s34;
+    y[1] = d12 + 2.0f * d34;
+    y[2] = s12 + 4.0f * s34;
+    y[3] = d12 + 8.0f * d34 + m[5];
+  }
+  template <typename T>
+  static void OutputGrad(const T* d, T* e) {
+    const T s02 = d[0] + d[2], s13 = d[1] + d[3], t02 = d[0] + 4.0f * d[2], t13 = 2.0f * d[1] + 8.0f * d[3];
+    e[0] = d[0];
+    e[1] = s02 + s13;
+    e[2] = s02 - s13;
+    e[3] = t02 + t13;
+    e[4] = t02 - t13;
+    e[5] = d[3];
+  }
+  static void Kernel(const float* g, float* u) {
+    u[0] = g[0] / 4.0f;
+    u[1] = -(g[0] + g[1] + g[2]) / 6.0f;
+    u[2] = -(g[0] - g[1] + g[2]) / 6.0f;
+    u[3] = g[0] / 24.0f + g[1] / 12.0f + g[2] / 6.0f;
+    u[4] = g[0] / 24.0f - g[1] / 12.0f + g[2] / 6.0f;
+    u[5] = g[2];
+  }
+  static void KernelGrad(const float* m, float* w) {
+    w[0] = m[0] / 4.0f - (m[1] + m[2]) / 6.0f + (m[3] + m[4]) / 24.0f;
+    w[1] = (m[2] - m[1]) / 6.0f + (m[3] - m[4]) / 12.0f;
+    w[2] = (m[3] + m[4] - m[1] - m[2]) / 6.0f + m[5];
+  }
+};
+
+// Bytes of one block's transformed inputs and products ((M+2)^2 positions x tiles x (c + op) floats): about
+// what stays in a core's L2 beside the rest.
+#ifndef IMGCLF_WINOGRAD_BLOCK_BYTES
+#define IMGCLF_WINOGRAD_BLOCK_BYTES (512 << 10)
+#endif
 constexpr int64_t kWinogradMinChannels = 8;   // Fewer input channels: the direct kernels do better.
                                               // (cpu_conv.py's WINOGRAD_MIN_CHANNELS is the same.)
+// F(4x4) where the output is at least this many pixels wide and high: smaller outputs waste too much of
+// their edge tiles.
+constexpr int64_t kWinogradF4MinSide = 12;
 
 bool UseWinograd(const Geometry& g) {
   return g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.c >= kWinogradMinChannels;
 }
 
+bool UseWinogradF4(const Geometry& g) { return g.ho >= kWinogradF4MinSide && g.wo >= kWinogradF4MinSide; }
+
+template <typename W>
 struct WinogradShape {
-  int64_t th, tw, tiles, blocks;  // tiles down and across one image, per image, blocks of tiles per image
+  // Tiles down and across one image, per image, per block (whole register blocks of kMaxRows, 12 to 192, within
+  // IMGCLF_WINOGRAD_BLOCK_BYTES), blocks per image.
+  int64_t th, tw, tiles, per_block, blocks;
   explicit WinogradShape(const Geometry& g)
-      : th((g.ho + 1) / 2), tw((g.wo + 1) / 2), tiles(th * tw), blocks((th * tw + kWinogradTiles - 1) / kWinogradTiles) {}
+      : th((g.ho + W::kM - 1) / W::kM), tw((g.wo + W::kM - 1) / W::kM), tiles(th * tw),
+        per_block(std::clamp<int64_t>(IMGCLF_WINOGRAD_BLOCK_BYTES / (4 * W::kAlpha * W::kAlpha * (g.c + g.op())) /
+                                          kMaxRows * kMaxRows, 2 * kMaxRows, 192)),
+        blocks((tiles + per_block - 1) / per_block) {}
 };
 
-// The geometry whose padded buffer covers whole 4x4 windows of every tile.
+// The geometry whose padded buffer covers whole windows of every tile.
+template <typename W>
 Geometry WinogradPadded(Geometry g) {
-  const WinogradShape s(g);
-  g.hp = 2 * s.th + 2;
-  g.wp = 2 * s.tw + 2;
+  const WinogradShape<W> s(g);
+  g.hp = W::kM * s.th + 2;
+  g.wp = W::kM * s.tw + 2;
   return g;
 }
 
-// v[xi][t][k] = (B^T d B)[xi] for the 4x4 window of tile `first + t` of the padded image, t < count.
-void InputTransform(const float* buf, const Geometry& g, const WinogradShape& s, int64_t first, int64_t count,
+// v[xi][t][k] = (B^T d B)[xi] for the window of tile `first + t` of the padded image, t < count.
+template <typename W>
+void InputTransform(const float* buf, const Geometry& g, const WinogradShape<W>& s, int64_t first, int64_t count,
                     float* v) {
+  constexpr int kA = W::kAlpha;
   const int64_t c = g.c, row = g.wp * c, plane = count * c;
   for (int64_t t = 0; t < count; ++t) {
     const int64_t ty = (first + t) / s.tw, tx = (first + t) % s.tw;
-    const float* d = buf + 2 * ty * row + 2 * tx * c;
+    const float* d = buf + W::kM * (ty * row + tx * c);
     float* out = v + t * c;
     ForChannels(c, [&](int64_t k, auto zero) {
       using T = decltype(zero);
-      T x[4][4], bt[4][4];
-      for (int r = 0; r < 4; ++r)
-        for (int q = 0; q < 4; ++q) x[r][q] = Load<T>(d + r * row + q * c + k);
-      for (int q = 0; q < 4; ++q) {
-        bt[0][q] = x[0][q] - x[2][q];
-        bt[1][q] = x[1][q] + x[2][q];
-        bt[2][q] = x[2][q] - x[1][q];
-        bt[3][q] = x[1][q] - x[3][q];
+      T x[kA][kA], bt[kA][kA], col[kA], res[kA];
+      for (int r = 0; r < kA; ++r)
+        for (int q = 0; q < kA; ++q) x[r][q] = Load<T>(d + r * row + q * c + k);
+      for (int q = 0; q < kA; ++q) {  // B^T x: each column.
+        for (int r = 0; r < kA; ++r) col[r] = x[r][q];
+        W::Input(col, res);
+        for (int r = 0; r < kA; ++r) bt[r][q] = res[r];
       }
-      for (int r = 0; r < 4; ++r) {
-        Store(out + (4 * r + 0) * plane + k, bt[r][0] - bt[r][2]);
-        Store(out + (4 * r + 1) * plane + k, bt[r][1] + bt[r][2]);
-        Store(out + (4 * r + 2) * plane + k, bt[r][2] - bt[r][1]);
-        Store(out + (4 * r + 3) * plane + k, bt[r][1] - bt[r][3]);
+      for (int r = 0; r < kA; ++r) {  // (B^T x) B: each row.
+        W::Input(bt[r], res);
+        for (int q = 0; q < kA; ++q) Store(out + (kA * r + q) * plane + k, res[q]);
       }
     });
   }
 }
 
 // u[xi][k][o] = (G w G^T)[xi] for the kernel's (k, o) 3x3 slice; output channels padded to op with zeros.
+template <typename W>
 std::vector<float> KernelTransform(const float* w, const Geometry& g) {
+  constexpr int kA = W::kAlpha;
   const int64_t op = g.op(), ko = g.c * op;
-  std::vector<float> u(16 * ko, 0.0f);
+  std::vector<float> u(kA * kA * ko, 0.0f);
   for (int64_t k = 0; k < g.c; ++k) {
     for (int64_t o = 0; o < g.o; ++o) {
-      float x[3][3], gx[4][3];
-      for (int i = 0; i < 3; ++i)
-        for (int j = 0; j < 3; ++j) x[i][j] = w[((i * 3 + j) * g.c + k) * g.o + o];
-      for (int j = 0; j < 3; ++j) {
-        gx[0][j] = x[0][j];
-        gx[1][j] = 0.5f * (x[0][j] + x[1][j] + x[2][j]);
-        gx[2][j] = 0.5f * (x[0][j] - x[1][j] + x[2][j]);
-        gx[3][j] = x[2][j];
+      float x[3], gx[kA][3], res[kA];
+      for (int j = 0; j < 3; ++j) {  // G x: each column.
+        for (int i = 0; i < 3; ++i) x[i] = w[((i * 3 + j) * g.c + k) * g.o + o];
+        W::Kernel(x, res);
+        for (int r = 0; r < kA; ++r) gx[r][j] = res[r];
       }
-      for (int r = 0; r < 4; ++r) {
-        float* dst = &u[(4 * r) * ko + k * op + o];
-        dst[0 * ko] = gx[r][0];
-        dst[1 * ko] = 0.5f * (gx[r][0] + gx[r][1] + gx[r][2]);
-        dst[2 * ko] = 0.5f * (gx[r][0] - gx[r][1] + gx[r][2]);
-        dst[3 * ko] = gx[r][2];
+      for (int r = 0; r < kA; ++r) {  // (G x) G^T: each row.
+        W::Kernel(gx[r], res);
+        for (int q = 0; q < kA; ++q) u[(kA * r + q) * ko + k * op + o] = res[q];
       }
     }
   }
@@ -529,88 +623,106 @@ std::vector<float> KernelTransform(const float* w, const Geometry& g) {
 }
 
 // Tiles `first + t` (t < count) of image `image` from m[xi][t][o]: Y = A^T m A, cut at the image's edge; or,
-// for a pooled output, each tile's 2x2 outputs are one pooling window.
-void OutputTransform(const float* m, const Geometry& g, const WinogradShape& s, int64_t first, int64_t count,
+// for a pooled output, each tile's MxM outputs as (M/2)^2 pooling windows.
+template <typename W>
+void OutputTransform(const float* m, const Geometry& g, const WinogradShape<W>& s, int64_t first, int64_t count,
                      const Output& out, int64_t image) {
+  constexpr int kA = W::kAlpha, kM = W::kM;
   const int64_t op = g.op(), plane = count * op, ph = g.ho / 2, pw = g.wo / 2;
   for (int64_t t = 0; t < count; ++t) {
     const int64_t ty = (first + t) / s.tw, tx = (first + t) % s.tw;
-    if (out.pooled() && (ty >= ph || tx >= pw)) continue;  // Outputs the pooling drops.
-    const int rows = 2 * ty + 1 < g.ho ? 2 : 1, cols = 2 * tx + 1 < g.wo ? 2 : 1;
+    const int64_t y0 = kM * ty, x0 = kM * tx;
+    if (out.pooled() && (y0 / 2 >= ph || x0 / 2 >= pw)) continue;  // Outputs the pooling drops.
+    const int rows = static_cast<int>(std::min<int64_t>(kM, g.ho - y0));
+    const int cols = static_cast<int>(std::min<int64_t>(kM, g.wo - x0));
     const float* src = m + t * op;
-    const int64_t at = out.pooled() ? ((image * ph + ty) * pw + tx) * g.o
-                                    : ((image * g.ho + 2 * ty) * g.wo + 2 * tx) * g.o;
     ForChannels(g.o, [&](int64_t o, auto zero) {
       using T = decltype(zero);
-      T x[4][4], a[2][4], y[2][2];
-      for (int r = 0; r < 4; ++r)
-        for (int q = 0; q < 4; ++q) x[r][q] = Load<T>(src + (4 * r + q) * plane + o);
-      for (int q = 0; q < 4; ++q) {
-        a[0][q] = x[0][q] + x[1][q] + x[2][q];
-        a[1][q] = x[1][q] - x[2][q] - x[3][q];
+      T x[kA][kA], a[kM][kA], col[kA], res[kM], y[kM][kM];
+      for (int r = 0; r < kA; ++r)
+        for (int q = 0; q < kA; ++q) x[r][q] = Load<T>(src + (kA * r + q) * plane + o);
+      for (int q = 0; q < kA; ++q) {  // A^T x: each column.
+        for (int r = 0; r < kA; ++r) col[r] = x[r][q];
+        W::Output(col, res);
+        for (int r = 0; r < kM; ++r) a[r][q] = res[r];
       }
-      for (int r = 0; r < 2; ++r) {
-        y[r][0] = a[r][0] + a[r][1] + a[r][2];
-        y[r][1] = a[r][1] - a[r][2] - a[r][3];
-      }
+      for (int r = 0; r < kM; ++r) W::Output(a[r], y[r]);  // (A^T x) A: each row.
       if (out.pooled()) {
-        PoolWindow(y[0][0], y[0][1], y[1][0], y[1][1], Load<T>(out.bias + o), out.y + at + o, out.choice + at + o);
+        const T bias = Load<T>(out.bias + o);
+        for (int wy = 0; wy < kM / 2; ++wy) {
+          for (int wx = 0; wx < kM / 2; ++wx) {
+            const int64_t py = y0 / 2 + wy, px = x0 / 2 + wx;
+            if (py >= ph || px >= pw) continue;
+            const int64_t at = ((image * ph + py) * pw + px) * g.o + o;
+            PoolWindow(y[2 * wy][2 * wx], y[2 * wy][2 * wx + 1], y[2 * wy + 1][2 * wx], y[2 * wy + 1][2 * wx + 1],
+                       bias, out.y + at, out.choice + at);
+          }
+        }
         return;
       }
+      const int64_t at = ((image * g.ho + y0) * g.wo + x0) * g.o + o;
       for (int r = 0; r < rows; ++r)
-        for (int q = 0; q < cols; ++q) Store(out.y + at + (r * g.wo + q) * g.o + o, y[r][q]);
+        for (int q = 0; q < cols; ++q) Store(out.y + at + (r * g.wo + q) * g.o, y[r][q]);
     });
   }
 }
 
-// e[xi][t][o] = (A dY A^T)[xi] for tile `first + t`'s 2x2 output gradients (zero beyond the image's edge);
+// e[xi][t][o] = (A dY A^T)[xi] for tile `first + t`'s MxM output gradients (zero beyond the image's edge);
 // output channels padded to op with zeros.
-void OutputGradTransform(const float* dy_image, const Geometry& g, const WinogradShape& s, int64_t first,
+template <typename W>
+void OutputGradTransform(const float* dy_image, const Geometry& g, const WinogradShape<W>& s, int64_t first,
                          int64_t count, float* e) {
+  constexpr int kA = W::kAlpha, kM = W::kM;
   const int64_t op = g.op(), plane = count * op;
   for (int64_t t = 0; t < count; ++t) {
     const int64_t ty = (first + t) / s.tw, tx = (first + t) % s.tw;
-    const bool row1 = 2 * ty + 1 < g.ho, col1 = 2 * tx + 1 < g.wo;
-    const float* src = dy_image + (2 * ty * g.wo + 2 * tx) * g.o;
+    const int rows = static_cast<int>(std::min<int64_t>(kM, g.ho - kM * ty));
+    const int cols = static_cast<int>(std::min<int64_t>(kM, g.wo - kM * tx));
+    const float* src = dy_image + (kM * ty * g.wo + kM * tx) * g.o;
     float* out = e + t * op;
     ForChannels(g.o, [&](int64_t o, auto zero) {
       using T = decltype(zero);
-      const T d00 = Load<T>(src + o), d01 = col1 ? Load<T>(src + g.o + o) : zero;
-      const T d10 = row1 ? Load<T>(src + g.wo * g.o + o) : zero;
-      const T d11 = row1 && col1 ? Load<T>(src + (g.wo + 1) * g.o + o) : zero;
-      const T col[4][2] = {{d00, d01}, {d00 + d10, d01 + d11}, {d00 - d10, d01 - d11}, {-d10, -d11}};
-      for (int r = 0; r < 4; ++r) {
-        Store(out + (4 * r + 0) * plane + o, col[r][0]);
-        Store(out + (4 * r + 1) * plane + o, col[r][0] + col[r][1]);
-        Store(out + (4 * r + 2) * plane + o, col[r][0] - col[r][1]);
-        Store(out + (4 * r + 3) * plane + o, -col[r][1]);
+      T d[kM][kM], ad[kA][kM], col[kM], res[kA];
+      for (int r = 0; r < kM; ++r)
+        for (int q = 0; q < kM; ++q) d[r][q] = r < rows && q < cols ? Load<T>(src + (r * g.wo + q) * g.o + o) : zero;
+      for (int q = 0; q < kM; ++q) {  // A d: each column.
+        for (int r = 0; r < kM; ++r) col[r] = d[r][q];
+        W::OutputGrad(col, res);
+        for (int r = 0; r < kA; ++r) ad[r][q] = res[r];
+      }
+      for (int r = 0; r < kA; ++r) {  // (A d) A^T: each row.
+        W::OutputGrad(ad[r], res);
+        for (int q = 0; q < kA; ++q) Store(out + (kA * r + q) * plane + o, res[q]);
       }
     });
     if (g.o != op)
-      for (int xi = 0; xi < 16; ++xi) std::memset(out + xi * plane + g.o, 0, sizeof(float) * (op - g.o));
+      for (int xi = 0; xi < kA * kA; ++xi) std::memset(out + xi * plane + g.o, 0, sizeof(float) * (op - g.o));
   }
 }
 
+template <typename W>
 void WinogradForward(const ImageSource& x, const float* w, const Output& out, const Geometry& geometry) {
-  const Geometry g = WinogradPadded(geometry);
-  const WinogradShape s(g);
-  const std::vector<float> u = KernelTransform(w, g);
+  constexpr int64_t kP = W::kAlpha * W::kAlpha;
+  const Geometry g = WinogradPadded<W>(geometry);
+  const WinogradShape<W> s(g);
+  const int64_t kTiles = s.per_block;
+  const std::vector<float> u = KernelTransform<W>(w, g);
   const int64_t op = g.op(), c = g.c;
   const int threads = NumThreads();
   const int64_t chunk = g.n >= 4 * threads ? s.blocks : 1;
   ParallelChunks(g.n * s.blocks, chunk, threads, [&](int, auto& next) {
-    std::vector<float> buf(g.hp * g.wp * c), v(16 * kWinogradTiles * c), m(16 * kWinogradTiles * op);
+    std::vector<float> buf(g.hp * g.wp * c), v(kP * kTiles * c), m(kP * kTiles * op);
     int64_t padded_image = -1, begin, end;
     while (next(&begin, &end)) {
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t image = item / s.blocks, first = (item % s.blocks) * kWinogradTiles;
-        const int64_t count = std::min(kWinogradTiles, s.tiles - first);
+        const int64_t image = item / s.blocks, first = (item % s.blocks) * kTiles;
+        const int64_t count = std::min(kTiles, s.tiles - first);
         if (image != padded_image) {
           PadImage(x, g, image, buf.data());
           padded_image = image;
         }
-        InputTransform(buf.data(), g, s, first, count, v.data());
-        for (int64_t xi = 0; xi < 16; ++xi) {
+        InputTransform<W>(buf.data(), g, s, first, count, v.data());
+        for (int64_t xi = 0; xi < kP; ++xi) {
           const float* vx = v.data() + xi * count * c;
           float* mx = m.data() + xi * count * op;
           for (int64_t ob = 0, width; ob < op; ob += width) {
@@ -622,30 +734,34 @@ void WinogradForward(const ImageSource& x, const float* w, const Output& out, co
             }
           }
         }
-        OutputTransform(m.data(), g, s, first, count, out, image);
+        OutputTransform<W>(m.data(), g, s, first, count, out, image);
       }
     }
   });
 }
 
+template <typename W>
 void WinogradWeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, const Geometry& geometry) {
-  const Geometry g = WinogradPadded(geometry);
-  const WinogradShape s(g);
-  const int64_t op = g.op(), c = g.c, size = 16 * c * op;
+  constexpr int kA = W::kAlpha;
+  constexpr int64_t kP = kA * kA;
+  const Geometry g = WinogradPadded<W>(geometry);
+  const WinogradShape<W> s(g);
+  const int64_t kTiles = s.per_block;
+  const int64_t op = g.op(), c = g.c, size = kP * c * op;
   const int threads = NumThreads();
   const int64_t items = g.n * s.blocks, chunk = WeightGradChunk(g.n, s.blocks, size, threads);
   std::vector<std::vector<float>> partial((items + chunk - 1) / chunk);
   ParallelChunks(items, chunk, threads, [&](int, auto& next) {
-    std::vector<float> buf(g.hp * g.wp * c), v(16 * kWinogradTiles * c), e(16 * kWinogradTiles * op);
-    std::vector<int64_t> v_offsets(kWinogradTiles), e_offsets(kWinogradTiles);
+    std::vector<float> buf(g.hp * g.wp * c), v(kP * kTiles * c), e(kP * kTiles * op);
+    std::vector<int64_t> v_offsets(kTiles), e_offsets(kTiles);
     std::vector<float> dy_expanded(dy.choice != nullptr ? g.ho * g.wo * g.o : 0);
     int64_t padded_image = -1, begin, end;
     while (next(&begin, &end)) {
       std::vector<float>& total = partial[begin / chunk];
       total.assign(size, 0.0f);
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t image = item / s.blocks, first = (item % s.blocks) * kWinogradTiles;
-        const int64_t count = std::min(kWinogradTiles, s.tiles - first);
+        const int64_t image = item / s.blocks, first = (item % s.blocks) * kTiles;
+        const int64_t count = std::min(kTiles, s.tiles - first);
         const float* dy_image = dy.data + image * g.ho * g.wo * g.o;
         if (image != padded_image) {
           PadImage(x, g, image, buf.data());
@@ -654,13 +770,13 @@ void WinogradWeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, 
           padded_image = image;
         }
         if (dy.choice != nullptr) dy_image = dy_expanded.data();
-        InputTransform(buf.data(), g, s, first, count, v.data());
-        OutputGradTransform(dy_image, g, s, first, count, e.data());
+        InputTransform<W>(buf.data(), g, s, first, count, v.data());
+        OutputGradTransform<W>(dy_image, g, s, first, count, e.data());
         for (int64_t t = 0; t < count; ++t) {
           v_offsets[t] = t * c;
           e_offsets[t] = t * op;
         }
-        for (int64_t xi = 0; xi < 16; ++xi) {
+        for (int64_t xi = 0; xi < kP; ++xi) {
           for (int64_t k = 0; k < c; k += kMaxRows) {
             const int block = static_cast<int>(std::min<int64_t>(kMaxRows, c - k));
             for (int64_t ob = 0, width; ob < op; ob += width) {
@@ -680,18 +796,15 @@ void WinogradWeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, 
     for (int64_t i = 0; i < size; ++i) sum[i] += partial[part][i];
   for (int64_t k = 0; k < c; ++k) {
     for (int64_t o = 0; o < g.o; ++o) {
-      float m[4][4], gm[3][4];
-      for (int xi = 0; xi < 16; ++xi) m[xi / 4][xi % 4] = sum[(xi * c + k) * op + o];
-      for (int q = 0; q < 4; ++q) {
-        gm[0][q] = m[0][q] + 0.5f * (m[1][q] + m[2][q]);
-        gm[1][q] = 0.5f * (m[1][q] - m[2][q]);
-        gm[2][q] = 0.5f * (m[1][q] + m[2][q]) + m[3][q];
+      float mq[kA], gm[3][kA], res[3];
+      for (int q = 0; q < kA; ++q) {  // G^T M: each column.
+        for (int r = 0; r < kA; ++r) mq[r] = sum[((kA * r + q) * c + k) * op + o];
+        W::KernelGrad(mq, res);
+        for (int i = 0; i < 3; ++i) gm[i][q] = res[i];
       }
-      for (int i = 0; i < 3; ++i) {
-        float* dst = dw + (i * 3 * c + k) * g.o + o;
-        dst[0] = gm[i][0] + 0.5f * (gm[i][1] + gm[i][2]);
-        dst[c * g.o] = 0.5f * (gm[i][1] - gm[i][2]);
-        dst[2 * c * g.o] = 0.5f * (gm[i][1] + gm[i][2]) + gm[i][3];
+      for (int i = 0; i < 3; ++i) {  // (G^T M) G: each row.
+        W::KernelGrad(gm[i], res);
+        for (int j = 0; j < 3; ++j) dw[((i * 3 + j) * c + k) * g.o + o] = res[j];
       }
     }
   }
@@ -710,15 +823,19 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, 
 }
 
 void RunForward(const ImageSource& x, const float* w, const Output& out, const Geometry& g) {
-  if (UseWinograd(g))
-    WinogradForward(x, w, out, g);
+  if (UseWinograd(g) && UseWinogradF4(g))
+    WinogradForward<WinogradF4>(x, w, out, g);
+  else if (UseWinograd(g))
+    WinogradForward<WinogradF2>(x, w, out, g);
   else
     Forward(x, w, out, g);
 }
 
 void RunWeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, const Geometry& g) {
-  if (UseWinograd(g))
-    WinogradWeightGrad(x, dy, dw, g);
+  if (UseWinograd(g) && UseWinogradF4(g))
+    WinogradWeightGrad<WinogradF4>(x, dy, dw, g);
+  else if (UseWinograd(g))
+    WinogradWeightGrad<WinogradF2>(x, dy, dw, g);
   else
     WeightGrad(x, dy, dw, g);
 }
