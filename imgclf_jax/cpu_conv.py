@@ -124,8 +124,10 @@ def _build(compiler: str, include_dir: str, name: str) -> Path:
     return target
 
 
-# The loaded kernels, once registered: XLA's handler registry is per process and takes one library per name.
+# The loaded kernels and their build's name, once registered: XLA's handler registry is per process and takes
+# one library per name.
 _registered: Optional[ctypes.CDLL] = None
+_registered_build: Optional[str] = None
 
 
 # Set to 0 to keep XLA's own convolutions (the kernels are then never compiled or loaded).
@@ -138,7 +140,7 @@ def available() -> bool:
 
     The one way in to them: the CPU's flags are read from the operating system, and the build for them
     chosen (`variant`), before the library, whose static initialisers are AVX2 or AVX-512 code, is loaded."""
-    global _registered
+    global _registered, _registered_build
     if _registered is not None:
         return True
     if os.environ.get(ENABLE_ENV, "1") == "0":
@@ -154,19 +156,28 @@ def available() -> bool:
     if compiler is None or not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
         log.info("no C++ compiler or XLA FFI here: XLA's own CPU convolutions are used")
         return False
-    try:
-        library = ctypes.cdll.LoadLibrary(str(_build(compiler, jax.ffi.include_dir(), name)))
-        if not library.ImgclfConvCpuSupported():
-            log.info("this CPU lacks what the %s kernels need: XLA's own CPU convolutions are used", name)
-            return False
-        for target, symbol in _TARGETS.items():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-        _registered = library
-        log.info("native CPU convolutions: the %s build", name)
-    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError, AttributeError) as e:
-        log.warning("native CPU convolutions unavailable, XLA's are used instead: %s", e)
-        return False
-    return True
+    # Where the AVX-512 build cannot be compiled (an older compiler) or loaded, the AVX2 one still beats XLA's.
+    for build in [name] + (["avx2"] if name == "avx512" else []):
+        try:
+            library = ctypes.cdll.LoadLibrary(str(_build(compiler, jax.ffi.include_dir(), build)))
+            if not library.ImgclfConvCpuSupported():
+                log.info("this CPU lacks what the %s kernels need", build)
+                continue
+            for target, symbol in _TARGETS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        except (OSError, RuntimeError, ValueError, subprocess.SubprocessError, AttributeError) as e:
+            log.warning("native CPU convolutions (%s build) unavailable: %s", build, e)
+            continue
+        _registered, _registered_build = library, build
+        log.info("native CPU convolutions: the %s build", build)
+        return True
+    log.warning("native CPU convolutions unavailable: XLA's own are used instead")
+    return False
+
+
+def loaded_build() -> Optional[str]:
+    """The name of the kernels' build this process runs (one of VARIANTS), or None before or without them."""
+    return _registered_build if available() else None
 
 
 # Below this many output pixels per image the kernels lost to XLA's convolutions inside a whole training step

@@ -191,7 +191,7 @@ def benchmark_steps(args) -> None:
     options = {} if args.untuned else xla_cpu.compiler_options()
     print(f"XLA compiler options: {options or 'defaults'}")
     if "native" in args.conv_impls or "auto" in args.conv_impls:
-        print(f"Native kernels: {f'the {cpu_conv.variant()} build' if cpu_conv.available() else 'not available here'}"
+        print(f"Native kernels: {f'the {cpu_conv.loaded_build()} build' if cpu_conv.available() else 'not available here'}"
               f" ({cpu_conv.VARIANT_ENV} picks another)")
     runners = {}
     for impl in args.conv_impls.split(","):

@@ -121,7 +121,47 @@ def test_unsupported_cases_fall_back_to_lax():
 def test_native_kernels_build_here_and_auto_picks_them():
     assert cpu_conv.available()
     assert models.resolve_conv_impl("auto") == "native"
-    assert f"cpu_conv-{cpu_conv.variant()}-" in cpu_conv._registered._name  # The build for this CPU is loaded.
+    assert cpu_conv.loaded_build() == cpu_conv.variant()  # The build for this CPU.
+    assert f"cpu_conv-{cpu_conv.variant()}-" in cpu_conv._registered._name
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are x86-64 only")
+def test_an_avx512_build_that_cannot_be_built_leaves_the_avx2_build_in_charge(monkeypatch):
+    built, registered = [], []
+
+    def build(compiler, include_dir, name):
+        built.append(name)
+        if name == "avx512":
+            raise RuntimeError("c++: error: unrecognized command-line option '-mavx512f'")
+        return f"/cache/cpu_conv-{name}.so"
+
+    class Library:  # What ctypes loads: the support check, and one handler symbol per target.
+        def __init__(self, path):
+            self._name = path
+
+        def ImgclfConvCpuSupported(self):
+            return 1
+
+        def __getattr__(self, symbol):
+            return symbol
+
+    monkeypatch.setattr(cpu_conv, "_build", build)
+    monkeypatch.setattr(cpu_conv.ctypes.cdll, "LoadLibrary", Library)
+    monkeypatch.setattr(cpu_conv.jax.ffi, "pycapsule", lambda handler: handler)
+    monkeypatch.setattr(cpu_conv.jax.ffi, "register_ffi_target", lambda target, *_, **__: registered.append(target))
+    monkeypatch.setattr(cpu_conv, "variant", lambda: "avx512")
+    monkeypatch.setattr(cpu_conv, "_compiler", lambda: "c++")
+    monkeypatch.setattr(cpu_conv, "_registered", None)  # As in a process that has not loaded them yet.
+    monkeypatch.setattr(cpu_conv, "_registered_build", None)
+    monkeypatch.delenv(cpu_conv.ENABLE_ENV, raising=False)
+    cpu_conv.available.cache_clear()
+    try:
+        assert cpu_conv.available()
+        assert built == ["avx512", "avx2"]
+        assert registered == list(cpu_conv._TARGETS)
+        assert cpu_conv.loaded_build() == "avx2"
+    finally:
+        cpu_conv.available.cache_clear()
 
 
 def test_native_kernels_that_fail_to_build_leave_xla_in_charge(monkeypatch, tmp_path, caplog):
