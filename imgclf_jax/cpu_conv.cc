@@ -534,10 +534,9 @@ struct WinogradF4 {
 };
 
 // Bytes of one block's transformed inputs and products ((M+2)^2 positions x tiles x (c + op) floats): about
-// what stays in a core's L2 beside the rest.
-#ifndef IMGCLF_WINOGRAD_BLOCK_BYTES
-#define IMGCLF_WINOGRAD_BLOCK_BYTES (512 << 10)
-#endif
+// what stays in a core's L2 beside the rest (the tutorial CNN's kernels took 86, 90, 76 and 76 ms with 128 KB,
+// 256 KB, 512 KB and 1 MB; docs/performance.md).
+constexpr int64_t kWinogradBlockBytes = 512 << 10;
 constexpr int64_t kWinogradMinChannels = 8;   // Fewer input channels: the direct kernels do better.
                                               // (cpu_conv.py's WINOGRAD_MIN_CHANNELS is the same.)
 // F(4x4) where the output is at least this many pixels wide and high: smaller outputs waste too much of
@@ -553,11 +552,11 @@ bool UseWinogradF4(const Geometry& g) { return g.ho >= kWinogradF4MinSide && g.w
 template <typename W>
 struct WinogradShape {
   // Tiles down and across one image, per image, per block (whole register blocks of kMaxRows, 12 to 192, within
-  // IMGCLF_WINOGRAD_BLOCK_BYTES), blocks per image.
+  // kWinogradBlockBytes), blocks per image.
   int64_t th, tw, tiles, per_block, blocks;
   explicit WinogradShape(const Geometry& g)
       : th((g.ho + W::kM - 1) / W::kM), tw((g.wo + W::kM - 1) / W::kM), tiles(th * tw),
-        per_block(std::clamp<int64_t>(IMGCLF_WINOGRAD_BLOCK_BYTES / (4 * W::kAlpha * W::kAlpha * (g.c + g.op())) /
+        per_block(std::clamp<int64_t>(kWinogradBlockBytes / (4 * W::kAlpha * W::kAlpha * (g.c + g.op())) /
                                           kMaxRows * kMaxRows, 2 * kMaxRows, 192)),
         blocks((tiles + per_block - 1) / per_block) {}
 };
@@ -705,18 +704,18 @@ void WinogradForward(const ImageSource& x, const float* w, const Output& out, co
   constexpr int64_t kP = W::kAlpha * W::kAlpha;
   const Geometry g = WinogradPadded<W>(geometry);
   const WinogradShape<W> s(g);
-  const int64_t kTiles = s.per_block;
+  const int64_t per_block = s.per_block;
   const std::vector<float> u = KernelTransform<W>(w, g);
   const int64_t op = g.op(), c = g.c;
   const int threads = NumThreads();
   const int64_t chunk = g.n >= 4 * threads ? s.blocks : 1;
   ParallelChunks(g.n * s.blocks, chunk, threads, [&](int, auto& next) {
-    std::vector<float> buf(g.hp * g.wp * c), v(kP * kTiles * c), m(kP * kTiles * op);
+    std::vector<float> buf(g.hp * g.wp * c), v(kP * per_block * c), m(kP * per_block * op);
     int64_t padded_image = -1, begin, end;
     while (next(&begin, &end)) {
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t image = item / s.blocks, first = (item % s.blocks) * kTiles;
-        const int64_t count = std::min(kTiles, s.tiles - first);
+        const int64_t image = item / s.blocks, first = (item % s.blocks) * per_block;
+        const int64_t count = std::min(per_block, s.tiles - first);
         if (image != padded_image) {
           PadImage(x, g, image, buf.data());
           padded_image = image;
@@ -746,22 +745,22 @@ void WinogradWeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, 
   constexpr int64_t kP = kA * kA;
   const Geometry g = WinogradPadded<W>(geometry);
   const WinogradShape<W> s(g);
-  const int64_t kTiles = s.per_block;
+  const int64_t per_block = s.per_block;
   const int64_t op = g.op(), c = g.c, size = kP * c * op;
   const int threads = NumThreads();
   const int64_t items = g.n * s.blocks, chunk = WeightGradChunk(g.n, s.blocks, size, threads);
   std::vector<std::vector<float>> partial((items + chunk - 1) / chunk);
   ParallelChunks(items, chunk, threads, [&](int, auto& next) {
-    std::vector<float> buf(g.hp * g.wp * c), v(kP * kTiles * c), e(kP * kTiles * op);
-    std::vector<int64_t> v_offsets(kTiles), e_offsets(kTiles);
+    std::vector<float> buf(g.hp * g.wp * c), v(kP * per_block * c), e(kP * per_block * op);
+    std::vector<int64_t> v_offsets(per_block), e_offsets(per_block);
     std::vector<float> dy_expanded(dy.choice != nullptr ? g.ho * g.wo * g.o : 0);
     int64_t padded_image = -1, begin, end;
     while (next(&begin, &end)) {
       std::vector<float>& total = partial[begin / chunk];
       total.assign(size, 0.0f);
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t image = item / s.blocks, first = (item % s.blocks) * kTiles;
-        const int64_t count = std::min(kTiles, s.tiles - first);
+        const int64_t image = item / s.blocks, first = (item % s.blocks) * per_block;
+        const int64_t count = std::min(per_block, s.tiles - first);
         const float* dy_image = dy.data + image * g.ho * g.wo * g.o;
         if (image != padded_image) {
           PadImage(x, g, image, buf.data());

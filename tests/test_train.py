@@ -583,10 +583,11 @@ def test_the_demo_trains_to_the_losses_pinned_before_the_loop_was_split_into_mod
     config.epochs, config.report = 2, False
     records = train.train_and_evaluate(config, str(tmp_path / "w"))
     # The same two epochs with the code of b362441 (one train.py) on a 2-core AMD EPYC: bit for bit there.
-    # Other CPUs round floats differently (AVX-512, another BLAS); a change of behaviour (data order,
+    # Other CPUs round floats differently (AVX-512, another BLAS), and so do the native kernels' Winograd
+    # F(4x4, 3x3) convolutions (0.2% on the second validation loss); a change of behaviour (data order,
     # augmentation draws, the schedule) moves these by percents, far beyond the tolerance.
-    assert [r["train_loss"] for r in records] == pytest.approx([1.425199270248413, 0.36461812257766724], rel=2e-3)
-    assert [r["val_loss"] for r in records] == pytest.approx([0.35461063504551116, 0.21554521664271448], rel=2e-3)
+    assert [r["train_loss"] for r in records] == pytest.approx([1.425199270248413, 0.36461812257766724], rel=5e-3)
+    assert [r["val_loss"] for r in records] == pytest.approx([0.35461063504551116, 0.21554521664271448], rel=5e-3)
 
 
 @pytest.mark.slow
