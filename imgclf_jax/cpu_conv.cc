@@ -303,10 +303,12 @@ int64_t BlockWidth(int64_t remaining) {
 // The tile for `rows` rows and a block of `width` (BlockWidth's) output channels.
 template <template <int, int, typename> class K, typename Fn>
 Fn Pick(int rows, int64_t width) {
-  static const Fn table[kMaxRows][3] = {
-      {K<1, 1, Vec8>::fn, K<1, 1, VecL>::fn, K<1, 2, VecL>::fn}, {K<2, 1, Vec8>::fn, K<2, 1, VecL>::fn, K<2, 2, VecL>::fn},
-      {K<3, 1, Vec8>::fn, K<3, 1, VecL>::fn, K<3, 2, VecL>::fn}, {K<4, 1, Vec8>::fn, K<4, 1, VecL>::fn, K<4, 2, VecL>::fn},
-      {K<5, 1, Vec8>::fn, K<5, 1, VecL>::fn, K<5, 2, VecL>::fn}, {K<6, 1, Vec8>::fn, K<6, 1, VecL>::fn, K<6, 2, VecL>::fn}};
+  static const Fn table[kMaxRows][3] = {{K<1, 1, Vec8>::fn, K<1, 1, VecL>::fn, K<1, 2, VecL>::fn},
+                                        {K<2, 1, Vec8>::fn, K<2, 1, VecL>::fn, K<2, 2, VecL>::fn},
+                                        {K<3, 1, Vec8>::fn, K<3, 1, VecL>::fn, K<3, 2, VecL>::fn},
+                                        {K<4, 1, Vec8>::fn, K<4, 1, VecL>::fn, K<4, 2, VecL>::fn},
+                                        {K<5, 1, Vec8>::fn, K<5, 1, VecL>::fn, K<5, 2, VecL>::fn},
+                                        {K<6, 1, Vec8>::fn, K<6, 1, VecL>::fn, K<6, 2, VecL>::fn}};
   return table[rows - 1][width == 2 * kLanes ? 2 : width == kLanes ? 1 : 0];
 }
 

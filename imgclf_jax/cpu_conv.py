@@ -3,9 +3,10 @@ through the XLA FFI.
 
 The C++ source sits beside this file (`cpu_conv.cc`; why and how in its header). It is compiled once per
 machine with the system C++ compiler, for the widest vectors the CPU has (`variant`: 16 floats with AVX-512,
-8 with AVX2), into `user_cache.cache_dir()` and loaded from there afterwards (about 4 s the first time). Where that cannot happen — no compiler, another CPU architecture, a CPU without AVX2/FMA, a
-jaxlib without the FFI — `available()` says False and the models keep XLA's own convolutions, so nothing
-depends on the kernels but speed.
+8 with AVX2), into `user_cache.cache_dir()` and loaded from there afterwards (about 4 s the first time).
+Where that cannot happen — no compiler, another CPU architecture, a CPU without AVX2/FMA, a jaxlib without
+the FFI — `available()` says False and the models keep XLA's own convolutions, so nothing depends on the
+kernels but speed.
 """
 
 from __future__ import annotations

@@ -191,8 +191,9 @@ def benchmark_steps(args) -> None:
     options = {} if args.untuned else xla_cpu.compiler_options()
     print(f"XLA compiler options: {options or 'defaults'}")
     if "native" in args.conv_impls or "auto" in args.conv_impls:
-        print(f"Native kernels: {f'the {cpu_conv.loaded_build()} build' if cpu_conv.available() else 'not available here'}"
-              f" ({cpu_conv.VARIANT_ENV} picks another)")
+        build = cpu_conv.loaded_build()
+        print(f"Native kernels: {f'the {build} build' if build else 'not available here'} "
+              f"({cpu_conv.VARIANT_ENV} picks another)")
     runners = {}
     for impl in args.conv_impls.split(","):
         runners[f"imgclf_jax (conv_impl={impl})"] = jax_runner(config, impl, len(class_names), batches, options)

@@ -50,7 +50,8 @@ NATIVE_EXPECTED = platform.machine().lower() in ("x86_64", "amd64") and any(
 needs_native = pytest.mark.skipif(not NATIVE_EXPECTED, reason="needs x86-64 and a C++ compiler")
 IMPLS = ["matmul_grad", pytest.param("native", marks=needs_native)]
 IMPL_CASES = [(*case, "matmul_grad") for case in CASES] + [
-    pytest.param(*case, "native", marks=needs_native) for case in CASES + NATIVE_CASES]
+    pytest.param(*case, "native", marks=needs_native) for case in CASES] + [
+    pytest.param(*case, "native", marks=needs_native, id=f"native-blocking{i}") for i, case in enumerate(NATIVE_CASES)]
 
 
 def _inputs(x_shape, k_shape):
@@ -340,11 +341,12 @@ def _builds_this_cpu_runs() -> list:
 @pytest.mark.slow
 @pytest.mark.parametrize("build", _builds_this_cpu_runs())
 def test_every_build_of_the_kernels_this_cpu_runs_matches_xla(build):
-    """The native-kernel tests above, in a process that loads build `build` (one library per process)."""
+    """The gradient-equality tests of the native kernels' blocking shapes and of the fused block above, in a
+    process that loads build `build` (one library per process)."""
     env = {**os.environ, cpu_conv.VARIANT_ENV: build}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "native or fused or build_here", "--deselect", f"{__file__}::test_every_build_of_the_kernels_this_cpu_runs_matches_xla"],
-        env=env, capture_output=True, text=True, timeout=900)
+    this_test = f"{__file__}::test_every_build_of_the_kernels_this_cpu_runs_matches_xla"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                             "blocking or fused_conv_relu_pool or build_here", "--deselect", this_test],
+                            env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-1000:]
