@@ -2,7 +2,8 @@
 //
 // Why: XLA:CPU's own convolutions reach 15-60% of this machine's matmul peak on small CNNs (a 3-channel first
 // layer runs at 15 GFLOP/s, and weight gradients pay for layout transposes); docs/performance.md has the
-// figures. Both kernels here are register-blocked "direct" convolutions: no im2col matrix is built,
+// figures. 3x3 stride-1 convolutions with 8 or more input channels go by Winograd's algorithm (below); the
+// others are register-blocked "direct" convolutions: no im2col matrix is built,
 // because at one output pixel and one kernel row the kw*C input values a convolution reads are contiguous
 // in an NHWC image, whatever the stride. Each image is first copied into a zero-bordered buffer (so no
 // bounds checks in the inner loops), which stays in the core's cache while it is used.
