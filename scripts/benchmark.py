@@ -77,16 +77,17 @@ def measure_peaks(with_torch: bool) -> dict[str, float]:
         print("Matmul peaks measured here (8192x8192): " + ", ".join(f"{k} {v:.0f}" for k, v in found.items())
               + " GFLOP/s")
         return {"float32": found["float32 XLA"], "bfloat16": found["bfloat16 XLA"]}
+    native_bf16 = bool(cpu_conv.cpu_flags() & {"avx512_bf16", "amx_bf16"})  # Elsewhere bfloat16 is emulated.
     found = {"float32 XLA": matmul_peak_gflops(), "float32 numpy": numpy_matmul_peak_gflops(),
              "bfloat16 XLA": matmul_peak_gflops(jnp.bfloat16)}
     if with_torch:
         found["float32 PyTorch"] = framework_twins.torch_matmul_peak_gflops("float32")
-        if cpu_conv.cpu_flags() & {"avx512_bf16", "amx_bf16"}:  # Elsewhere bfloat16 is emulated, far below float32.
+        if native_bf16:  # Emulated bfloat16 runs far below float32: not worth timing.
             found["bfloat16 PyTorch"] = framework_twins.torch_matmul_peak_gflops("bfloat16")
     print("Matmul peaks measured here (2048x2048): " + ", ".join(f"{k} {v:.0f}" for k, v in found.items())
           + " GFLOP/s")
     peaks = {dtype: max(v for k, v in found.items() if k.startswith(dtype)) for dtype in ("float32", "bfloat16")}
-    if not cpu_conv.cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if not native_bf16:
         peaks["bfloat16"] = None  # No native bfloat16 arithmetic here: XLA's bfloat16 runs as float32.
     return peaks
 
