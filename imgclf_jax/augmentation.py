@@ -48,6 +48,8 @@ def training_images(key: jax.Array, images: jax.Array, cfg: Optional[ml_collecti
     if cfg.flip:
         flipped = jax.random.bernoulli(keys[1], 0.5, (n,))
         images = jnp.where(flipped[:, None, None, None], images[:, :, ::-1], images)
+    if cfg.trivial_augment:
+        images = trivial_augment(jax.random.fold_in(key, len(keys)), images)
     if cfg.rotation > 0.0 or cfg.zoom > 0.0:
         angle_key, zoom_key = jax.random.split(keys[2])
         angles = jax.random.uniform(angle_key, (n,), minval=-cfg.rotation, maxval=cfg.rotation) * 2.0 * math.pi
@@ -105,17 +107,102 @@ def crop_and_resize(images: jax.Array, boxes: jax.Array, size: int) -> jax.Array
 def rotate_and_zoom(images: jax.Array, angles: jax.Array, zooms: jax.Array) -> jax.Array:
     """Rotates each image by its angle (radians, counter-clockwise on screen) about the centre and zooms
     (zoom > 1 shows more, as Keras's RandomZoom), bilinear, reflecting at the edges."""
-    height, width = images.shape[1:3]
-    rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
-                              indexing="ij")
-    centre_r, centre_c = (height - 1) / 2.0, (width - 1) / 2.0
+    cos, sin = jnp.cos(angles) * zooms, jnp.sin(angles) * zooms
+    matrices = jnp.stack([jnp.stack([cos, sin], -1), jnp.stack([-sin, cos], -1)], -2)
+    return warp_affine(images, matrices, jnp.zeros((images.shape[0], 2)), mode="reflect")
 
-    def one(image, angle, zoom):
-        cos, sin = jnp.cos(angle) * zoom, jnp.sin(angle) * zoom
-        # The input pixel each output pixel samples (the inverse map of the rotation).
-        src_c = cos * (cols - centre_c) - sin * (rows - centre_r) + centre_c
-        src_r = sin * (cols - centre_c) + cos * (rows - centre_r) + centre_r
-        channel = lambda plane: jax.scipy.ndimage.map_coordinates(plane, [src_r, src_c], order=1, mode="reflect")
+
+def warp_affine(images: jax.Array, matrices: jax.Array, offsets: jax.Array, mode: str = "constant") -> jax.Array:
+    """Each image resampled (bilinear) through its affine map: the output pixel at (row, col) from the centre
+    samples the input at matrices[i] @ (row, col) + offsets[i] from the centre (matrices (N, 2, 2), offsets
+    (N, 2), in pixels). Outside the image: black ('constant') or the mirror image ('reflect')."""
+    height, width = images.shape[1:3]
+    centre = jnp.array([(height - 1) / 2.0, (width - 1) / 2.0])
+    grid = jnp.stack(jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
+                                  indexing="ij"), axis=-1) - centre  # (H, W, 2): (row, col) from the centre.
+
+    def one(image, matrix, offset):
+        source = jnp.einsum("ij,hwj->ihw", matrix, grid) + (centre + offset)[:, None, None]
+        channel = lambda plane: jax.scipy.ndimage.map_coordinates(plane, [source[0], source[1]], order=1,
+                                                                  mode=mode, cval=0.0)
         return jax.vmap(channel, in_axes=2, out_axes=2)(image)
 
-    return jax.vmap(one)(images, angles, zooms)
+    return jax.vmap(one)(images, matrices, offsets)
+
+
+# TrivialAugment (Mueller & Hutter, 2021) with the op set and ranges of torchvision's TrivialAugmentWide: each
+# image gets one op, drawn uniformly, at a magnitude drawn uniformly from [0, its maximum], with a random
+# sign where the op has one. Equalize is left out: its per-image histograms would cost more than all the
+# others together in a batched step.
+TRIVIAL_AUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
+                       "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast")
+_MAX_SHEAR = 0.99
+_MAX_TRANSLATE = 32.0 / 224.0  # A share of the image's side (32 px of torchvision's 224).
+_MAX_ROTATE = math.radians(135.0)
+_MAX_ENHANCE = 0.99  # Brightness, colour, contrast and sharpness factors 1 +- this.
+_LUMA = (0.299, 0.587, 0.114)  # PIL's grey level (mode 'L') of an RGB pixel.
+
+
+def trivial_augment(key: jax.Array, images: jax.Array) -> jax.Array:
+    """TrivialAugment on a batch of float images (N, H, W, 3) in [0, 1]: one random op per image (above)."""
+    n = images.shape[0]
+    op_key, magnitude_key, sign_key = jax.random.split(key, 3)
+    ops = jax.random.randint(op_key, (n,), 0, len(TRIVIAL_AUGMENT_OPS))
+    magnitude = jax.random.uniform(magnitude_key, (n,))
+    return apply_trivial_augment_ops(images, ops, magnitude, jax.random.bernoulli(sign_key, 0.5, (n,)))
+
+
+def apply_trivial_augment_ops(images: jax.Array, ops: jax.Array, magnitude: jax.Array,
+                              negative: jax.Array) -> jax.Array:
+    """Applies op TRIVIAL_AUGMENT_OPS[ops[i]] at magnitude[i] in [0, 1] (of the op's maximum; negated where
+    negative[i], for the ops with a sign) to image i. Every op is computed for the whole batch and each image
+    keeps its own, so the step stays one branch-free graph; the geometric ops share one affine warp."""
+    height, width = images.shape[1:3]
+    signed = jnp.where(negative, -magnitude, magnitude)
+    chosen = {name: ops == i for i, name in enumerate(TRIVIAL_AUGMENT_OPS)}
+
+    shear = _MAX_SHEAR * signed
+    angle = jnp.where(chosen["rotate"], _MAX_ROTATE * signed, 0.0)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    # (row, col) source offsets: rotation, then shear along the columns (x) or rows (y).
+    matrices = jnp.stack([jnp.stack([cos, sin + jnp.where(chosen["shear_y"], shear, 0.0)], -1),
+                          jnp.stack([-sin + jnp.where(chosen["shear_x"], shear, 0.0), cos], -1)], -2)
+    shift = _MAX_TRANSLATE * signed
+    offsets = jnp.stack([jnp.where(chosen["translate_y"], shift * height, 0.0),
+                         jnp.where(chosen["translate_x"], shift * width, 0.0)], -1)
+    geometric = chosen["shear_x"] | chosen["shear_y"] | chosen["translate_x"] | chosen["translate_y"] | chosen["rotate"]
+    warped = warp_affine(images, matrices, offsets)
+    images = jnp.where(geometric[:, None, None, None], warped, images)
+
+    factor = (1.0 + _MAX_ENHANCE * signed)[:, None, None, None]
+    # PIL's grey level; a sum of slices, as XLA on CPUs reduces a trailing axis of 3 about 50x slower.
+    grey = sum(weight * images[..., i:i + 1] for i, weight in enumerate(_LUMA))
+    bits = jnp.floor(8.0 - 6.0 * magnitude)[:, None, None, None]  # 8 (unchanged) down to 2 bits.
+    levels = 2.0 ** (8.0 - bits)
+    low = jnp.min(images, axis=(1, 2), keepdims=True)
+    high = jnp.max(images, axis=(1, 2), keepdims=True)
+    stretched = jnp.where(high > low, (images - low) / jnp.maximum(high - low, 1e-6), images)
+    candidates = {
+        "brightness": images * factor,
+        "color": grey + factor * (images - grey),
+        "contrast": jnp.mean(grey, axis=(1, 2, 3), keepdims=True) * (1.0 - factor) + factor * images,
+        "sharpness": _blend_with_smoothed(images, factor),
+        "posterize": jnp.floor(jnp.round(images * 255.0) / levels) * levels / 255.0,
+        "solarize": jnp.where(images >= (1.0 - magnitude)[:, None, None, None], 1.0 - images, images),
+        "autocontrast": stretched,
+    }
+    for name, candidate in candidates.items():
+        images = jnp.where(chosen[name][:, None, None, None], candidate, images)
+    return jnp.clip(images, 0.0, 1.0)
+
+
+def _blend_with_smoothed(images: jax.Array, factor: jax.Array) -> jax.Array:
+    """PIL's ImageEnhance.Sharpness: blends each image with its 3x3 smoothed version (centre weight 5, the
+    rest 1, over 13), borders kept; factor 0 is the smoothed image, 1 the image, 2 sharper."""
+    padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    height, width = images.shape[1:3]
+    total = sum(padded[:, r:r + height, c:c + width] for r in range(3) for c in range(3))
+    smoothed = (total + 4.0 * images) / 13.0
+    inner = jnp.zeros(images.shape[1:3], bool).at[1:-1, 1:-1].set(True)[None, :, :, None]
+    smoothed = jnp.where(inner, smoothed, images)
+    return smoothed + factor * (images - smoothed)

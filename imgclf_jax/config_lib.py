@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
         crop_area_min=1.0,  # < 1: random-resized crop keeping this much of the area at least.
         brightness=0.0,  # Max brightness shift, in [0, 1] units.
         contrast=0.0,  # Contrast factor range 1 +- contrast.
+        # TrivialAugment: one random op (shear, translate, rotate, colour, posterize, ...) per image, after
+        # the crop and flip (imgclf_jax.augmentation.trivial_augment).
+        trivial_augment=False,
     ))
 
     # MixUp / CutMix on whole batches in the train step (imgclf_jax/mixing.py); alpha 0 = off. With both

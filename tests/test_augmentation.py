@@ -1,4 +1,5 @@
-"""Batched training augmentation in the train step: crops, resizing, flips, rotation/zoom, colour jitter."""
+"""Batched training augmentation in the train step: crops, resizing, flips, rotation/zoom, colour jitter,
+TrivialAugment."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image, ImageEnhance, ImageOps
 
 from imgclf_jax import augmentation, config_lib
 
@@ -107,9 +109,84 @@ def test_rotation_and_zoom():
     np.testing.assert_allclose(zoomed[:, 4, 5], images[:, 4, 6], atol=1e-4)
 
 
+def test_warp_affine_shifts_and_fills_the_outside_with_black():
+    images = _images(n=2, size=9).astype(np.float32)
+    same = augmentation.warp_affine(images, jnp.tile(jnp.eye(2), (2, 1, 1)), jnp.zeros((2, 2)))
+    np.testing.assert_allclose(same, images, atol=1e-4)
+    shifted = np.asarray(augmentation.warp_affine(images, jnp.tile(jnp.eye(2), (2, 1, 1)), jnp.array([[0.0, 2.0]] * 2)))
+    np.testing.assert_allclose(shifted[:, :, :7], images[:, :, 2:], atol=1e-4)  # Each pixel shows the one 2 right.
+    assert (shifted[:, :, 8] == 0).all()  # Beyond the right edge: black.
+
+
+def _trivial(images, op, magnitude, negative=False):
+    n = images.shape[0]
+    return np.asarray(augmentation.apply_trivial_augment_ops(
+        images, jnp.full(n, augmentation.TRIVIAL_AUGMENT_OPS.index(op)), jnp.full(n, magnitude),
+        jnp.full(n, negative)))
+
+
+def _photo(size=24):
+    """A smooth colour picture (PIL's enhancers act on neighbourhoods and grey levels), uint8 (1, H, W, 3)."""
+    r, c = np.mgrid[0:size, 0:size] / (size - 1)
+    rgb = np.stack([0.2 + 0.6 * r, 0.5 + 0.4 * np.sin(6 * c) * r, 0.9 - 0.7 * c * r], axis=-1)
+    return np.round(rgb * 255).astype(np.uint8)[None]
+
+
+@pytest.mark.parametrize("op, magnitude, negative, pil", [
+    ("identity", 0.7, False, lambda im: im),
+    ("brightness", 0.5, False, lambda im: ImageEnhance.Brightness(im).enhance(1.495)),
+    ("brightness", 0.5, True, lambda im: ImageEnhance.Brightness(im).enhance(0.505)),
+    ("color", 0.8, False, lambda im: ImageEnhance.Color(im).enhance(1.792)),
+    ("contrast", 0.6, True, lambda im: ImageEnhance.Contrast(im).enhance(0.406)),
+    ("sharpness", 0.9, False, lambda im: ImageEnhance.Sharpness(im).enhance(1.891)),
+    ("sharpness", 0.9, True, lambda im: ImageEnhance.Sharpness(im).enhance(0.109)),
+    ("posterize", 0.9, False, lambda im: ImageOps.posterize(im, 2)),
+    ("posterize", 0.4, False, lambda im: ImageOps.posterize(im, 5)),
+    ("solarize", 0.2, False, lambda im: ImageOps.solarize(im, 204)),
+    ("autocontrast", 0.3, False, ImageOps.autocontrast),
+])
+def test_trivial_augment_colour_ops_match_pil(op, magnitude, negative, pil):
+    photo = _photo()
+    ours = _trivial(photo.astype(np.float32) / 255.0, op, magnitude, negative)[0]
+    theirs = np.asarray(pil(Image.fromarray(photo[0])), np.float32) / 255.0
+    np.testing.assert_allclose(ours, theirs, atol=2.5 / 255)  # PIL rounds its steps to whole grey levels.
+
+
+def test_trivial_augment_geometric_ops():
+    images = np.tile(np.linspace(0.1, 0.9, 15, dtype=np.float32)[None, :, None, None], (1, 1, 15, 3))  # Rows.
+    # Shearing along x moves each row sideways: a picture that varies only down the rows keeps its centre
+    # column and its middle row, and black comes in at the corners.
+    sheared = _trivial(images, "shear_x", 0.5)
+    np.testing.assert_allclose(sheared[0, :, 7], images[0, :, 7], atol=1e-5)
+    np.testing.assert_allclose(sheared[0, 7], images[0, 7], atol=1e-5)
+    assert sheared[0, 0, 0, 0] == 0 or sheared[0, 0, -1, 0] == 0
+    # Translating down by the most (32/224 of 15 px = 2.14 px): the top rows turn black, the rest move.
+    moved = _trivial(images, "translate_y", 1.0, negative=True)
+    assert (moved[0, :2] == 0).all()
+    np.testing.assert_allclose(moved[0, 5:, 7, 0], np.interp(np.arange(5, 15) - 15 / 7, np.arange(15),
+                                                             images[0, :, 7, 0]), atol=1e-5)
+    # 90 degrees (2/3 of the most, 135): the rows become columns.
+    turned = _trivial(images, "rotate", 2 / 3)
+    np.testing.assert_allclose(turned[0], np.rot90(images[0], k=1), atol=1e-4)
+
+
+def test_trivial_augment_gives_each_image_one_random_op():
+    images = np.repeat(_photo(), 64, axis=0).astype(np.float32) / 255.0
+    cfg = _augment_config(trivial_augment=True)
+    out = np.asarray(jax.jit(lambda key, x: augmentation.training_images(key, x, cfg))(jax.random.key(9), images))
+    again = np.asarray(augmentation.training_images(jax.random.key(9), images, cfg))
+    np.testing.assert_allclose(out, again, atol=1e-6)
+    changed = np.abs(out - images).max(axis=(1, 2, 3)) > 1e-3
+    assert 1 <= (~changed).sum() <= 16  # Identity and near-zero magnitudes: about 1 in 13 or a few more.
+    # Mostly each its own change (autocontrast, and posterize at one bit count, give equal images the same).
+    assert len({np.round(o, 3).tobytes() for o in out[changed]}) >= 0.75 * changed.sum()
+    assert out.min() >= 0.0 and out.max() <= 1.0
+
+
 @pytest.mark.parametrize("size", [16, 8])
 def test_full_augmentation_is_a_function_of_the_key(size):
-    cfg = _augment_config(flip=True, rotation=0.1, zoom=0.2, crop_area_min=0.5, brightness=0.1, contrast=0.2)
+    cfg = _augment_config(flip=True, rotation=0.1, zoom=0.2, crop_area_min=0.5, brightness=0.1, contrast=0.2,
+                          trivial_augment=True)
     images = _images()
     augment = jax.jit(lambda key, x: augmentation.training_images(key, x, cfg, size))
     first, again = augment(jax.random.key(7), images), augment(jax.random.key(7), images)
