@@ -48,7 +48,7 @@ def training_images(key: jax.Array, images: jax.Array, cfg: Optional[ml_collecti
     if cfg.flip:
         flipped = jax.random.bernoulli(keys[1], 0.5, (n,))
         images = jnp.where(flipped[:, None, None, None], images[:, :, ::-1], images)
-    if cfg.trivial_augment:
+    if cfg.trivial_augment:  # Its key lies outside the split, so the other draws stay as they are without it.
         images = trivial_augment(jax.random.fold_in(key, len(keys)), images)
     if cfg.rotation > 0.0 or cfg.zoom > 0.0:
         angle_key, zoom_key = jax.random.split(keys[2])
