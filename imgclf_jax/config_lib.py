@@ -128,7 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.auto_time_budget = ml_collections.ConfigDict(dict(seconds_per_image=0.0, min_minutes=2.0, max_minutes=20.0))
     # > 0: stop early once this share of the planned epochs (at least 5) has passed since validation last
     # improved (a higher accuracy, or as high with a lower loss): the run has stopped learning anything the
-    # validation photos can see. The best checkpoint stays what evaluate and predict use.
+    # validation photos can see. With progressive resizing, not before the last stage, where the learning rate
+    # comes down. The best checkpoint stays what evaluate and predict use.
     c.early_stopping_share = 0.0
     # A checkpoint is saved after an epoch once this many minutes have passed since the last one (0: after
     # every epoch), after every validated epoch that may be the best (its accuracy at least that of the

@@ -27,7 +27,7 @@ from imgclf_jax import (checkpointing, config_lib, folders, input_pipeline, loss
 from imgclf_jax import workdir as workdir_lib
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import MetricsLog, read_metrics
-from imgclf_jax.schedule import create_learning_rate_fn, train_image_size, validates_after
+from imgclf_jax.schedule import create_learning_rate_fn, last_stage_start, train_image_size, validates_after
 from imgclf_jax.steps import eval_step, evaluate_batches, train_step
 from imgclf_jax.train_state import TrainState, all_finite, create_optimizer, create_train_state
 
@@ -213,8 +213,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
 def _stops_early(config: ml_collections.ConfigDict, record: dict[str, Any], epoch: int, last_improved: int) -> bool:
     """Whether the run ends after `epoch` (validated in `record`) for early stopping: validation last improved
     (a higher accuracy, or as high with a lower loss) at epoch `last_improved`, at least early_stopping_share
-    of the planned epochs (and 5) ago."""
+    of the planned epochs (and 5) ago. With progressive resizing, not before the last stage, where the
+    learning rate comes down and a network gains most (docs/accuracy.md, e153)."""
     if not config.early_stopping_share or "val_accuracy" not in record or epoch >= config.epochs:
+        return False
+    if epoch < (last_stage_start(config) or 0):
         return False
     return epoch - last_improved >= max(5, math.ceil(config.early_stopping_share * config.epochs))
 

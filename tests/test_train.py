@@ -609,6 +609,19 @@ def test_a_run_stops_early_when_validation_stops_improving_and_a_rerun_has_nothi
     assert "stopped early at epoch 6" in caplog.text and "nothing to do" in caplog.text
 
 
+def test_early_stopping_waits_for_the_last_progressive_stage(tiny_config):
+    tiny_config.update(epochs=40, early_stopping_share=0.1)
+    validated = {"val_accuracy": 0.5}
+    # Without stages: once 5 epochs (10% of 40, at least 5) have passed since the last improvement.
+    assert not trainer._stops_early(tiny_config, validated, 5, 1) and trainer._stops_early(tiny_config, validated, 6, 1)
+    # With four stages of 10 epochs, not before epoch 31, the first of the last stage; then as without.
+    tiny_config.progressive.update(start_scale=0.5, stages=4)
+    assert not any(trainer._stops_early(tiny_config, validated, epoch, 1) for epoch in range(2, 31))
+    assert trainer._stops_early(tiny_config, validated, 31, 1)
+    assert not trainer._stops_early(tiny_config, validated, 31, 27)  # Improved 4 epochs ago: patience holds.
+    assert not trainer._stops_early(tiny_config, {}, 35, 1)  # An epoch without validation never stops a run.
+
+
 @pytest.mark.slow
 def test_training_improving_runs_every_epoch_with_early_stopping_on(tiny_config, two_class_dir, tmp_path):
     tiny_config.update(data_dir=str(two_class_dir), epochs=3, early_stopping_share=0.5)
