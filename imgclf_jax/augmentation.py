@@ -132,8 +132,7 @@ def warp_affine(images: jax.Array, matrices: jax.Array, offsets: jax.Array, mode
 
 # TrivialAugment (Mueller & Hutter, 2021) with the op set and ranges of torchvision's TrivialAugmentWide: each
 # image gets one op, drawn uniformly, at a magnitude drawn uniformly from [0, its maximum], with a random
-# sign where the op has one. Equalize is left out: its per-image histograms would cost more than all the
-# others together in a batched step.
+# sign where the op has one. Its equalize (a histogram equalisation of each image) is left out.
 TRIVIAL_AUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
                        "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast")
 _MAX_SHEAR = 0.99
@@ -170,7 +169,7 @@ def apply_trivial_augment_ops(images: jax.Array, ops: jax.Array, magnitude: jax.
     shift = _MAX_TRANSLATE * signed
     offsets = jnp.stack([jnp.where(chosen["translate_y"], shift * height, 0.0),
                          jnp.where(chosen["translate_x"], shift * width, 0.0)], -1)
-    geometric = chosen["shear_x"] | chosen["shear_y"] | chosen["translate_x"] | chosen["translate_y"] | chosen["rotate"]
+    geometric = sum(chosen[name] for name in ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")) > 0
     warped = warp_affine(images, matrices, offsets)
     images = jnp.where(geometric[:, None, None, None], warped, images)
 
