@@ -18,6 +18,6 @@ def get_config():
     config.early_stopping_share = 0.0  # Measured without it: its best epochs came in the last stage.
     # Four views of each photo: +0.004 over the mirror image alone on seventeen runs' best checkpoints.
     config.tta = "flip_scale"
-    # Its scores (docs/accuracy.md) are measured without the default's TrivialAugment, unmeasured on it.
+    # Without the default's TrivialAugment: 0.918 against 0.887 best validation accuracy with it (e150, e155).
     config.augment.trivial_augment = False
     return config
