@@ -27,7 +27,8 @@ from imgclf_jax import (checkpointing, config_lib, folders, input_pipeline, loss
 from imgclf_jax import workdir as workdir_lib
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import MetricsLog, read_metrics
-from imgclf_jax.schedule import create_learning_rate_fn, last_stage_start, train_image_size, validates_after
+from imgclf_jax.schedule import (cooldown_plan, create_learning_rate_fn, last_stage_start, train_image_size,
+                                 validates_after)
 from imgclf_jax.steps import eval_step, evaluate_batches, train_step
 from imgclf_jax.train_state import TrainState, all_finite, create_optimizer, create_train_state
 
@@ -164,7 +165,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
         # saved (after a resume, the first validated epoch is saved whatever its accuracy).
         best_accuracy, best, last_save = 0.0, (None, 0, 0), clock()
         # Early stopping's view of progress: (accuracy, -loss) of the best validated epoch, and that epoch.
-        progress, last_improved = (-math.inf, -math.inf), start_epoch
+        progress, last_improved, stopped_early = (-math.inf, -math.inf), start_epoch, False
         try:
             epoch = start_epoch
             while epoch < config.epochs:  # The time budget may plan fewer epochs, or a longer last stage.
@@ -178,9 +179,15 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
                     best_accuracy, best = record["val_accuracy"], (scorer, int(state.step), epoch)
                 if "val_accuracy" in record and (record["val_accuracy"], -record["val_loss"]) > progress:
                     progress, last_improved = (record["val_accuracy"], -record["val_loss"]), epoch
-                stops_early = parallel.value_of_main_process(int(_stops_early(config, record, epoch, last_improved)))
-                if stops_early:
-                    config.epochs = epoch  # Saved below as the last epoch.
+                cooldown = None  # Early stopping's shorter plan: (epochs, progressive.stage_epochs).
+                if parallel.value_of_main_process(int(_stops_early(config, record, epoch, last_improved))):
+                    cooldown = cooldown_plan(config, epoch) or (epoch, config.progressive.stage_epochs)
+                    log.info("Early stopping: no better validation for %d epochs (accuracy %.4f, loss %.4f at epoch "
+                             "%d): the run ends after epoch %d instead of %d.", epoch - last_improved, progress[0],
+                             -progress[1], last_improved, cooldown[0], config.epochs)
+                    config.epochs, config.progressive.stage_epochs = cooldown
+                    stopped_early = True
+                if stopped_early and epoch == config.epochs:
                     record["stopped_early"] = True  # A rerun on this work directory has nothing left to do.
                 if is_main:
                     metrics_log.append(record)
@@ -192,14 +199,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
                                       else None)
                     last_save = clock()
                 _log_epoch(config, record)
-                if stops_early:
-                    log.info("Stopped early after epoch %d: validation has not improved for %d epochs (accuracy "
-                             "%.4f, loss %.4f at epoch %d; early_stopping_share %g of the plan).", epoch,
-                             epoch - last_improved, progress[0], -progress[1], last_improved,
-                             config.early_stopping_share)
-                new_plan = budget.after_epoch(config, epoch) if budget and not stops_early else None
+                new_plan = budget.after_epoch(config, epoch) if budget and not stopped_early else None
                 if new_plan:
                     config.epochs, config.progressive.stage_epochs = new_plan
+                if (new_plan or cooldown) and epoch < config.epochs:
                     learning_rate_fn, optimizer = run.optimizer(config)
                     state = state.replace(tx=optimizer)  # Compiles anew.
                     if is_main:
@@ -214,12 +217,14 @@ def _stops_early(config: ml_collections.ConfigDict, record: dict[str, Any], epoc
     """Whether the run ends after `epoch` (validated in `record`) for early stopping: validation last improved
     (a higher accuracy, or as high with a lower loss) at epoch `last_improved`, at least early_stopping_share
     of the planned epochs (and 5) ago. With progressive resizing, not before the last stage, where the
-    learning rate comes down and a network gains most (docs/accuracy.md, e153)."""
+    learning rate comes down and a network gains most (docs/accuracy.md, e153); there the run ends after a
+    cooldown instead (`schedule.cooldown_plan`)."""
     if not config.early_stopping_share or "val_accuracy" not in record or epoch >= config.epochs:
         return False
-    if epoch < (last_stage_start(config) or 0):
+    patience = max(5, math.ceil(config.early_stopping_share * config.epochs))
+    if epoch < (last_stage_start(config) or 0) or epoch - last_improved < patience:
         return False
-    return epoch - last_improved >= max(5, math.ceil(config.early_stopping_share * config.epochs))
+    return (cooldown_plan(config, epoch) or (epoch,))[0] < config.epochs  # Not once the plan is that short.
 
 
 def _prepare(config: ml_collections.ConfigDict) -> _Run:

@@ -64,3 +64,22 @@ def test_learning_rate_schedules(tiny_config):
     assert float(lr(25)) == pytest.approx(0.05, rel=1e-3) and float(lr(40)) == pytest.approx(0.0, abs=1e-7)
     tiny_config.update(lr_schedule="constant", warmup_epochs=0.0)
     assert float(schedule.create_learning_rate_fn(tiny_config, 10)(37)) == pytest.approx(0.1)
+
+
+def test_early_stopping_cools_down_the_last_stage_instead_of_stopping_at_a_high_learning_rate(tiny_config):
+    tiny_config.update(epochs=40, lr_schedule="cosine", warmup_epochs=0.0, learning_rate=1.0, image_size=64)
+    tiny_config.progressive.update(start_scale=0.5, stages=4)  # Stages of 10 epochs; the last from epoch 31.
+    assert schedule.cooldown_plan(tiny_config, 30) is None  # Before the last stage: no plan to shorten.
+    assert schedule.cooldown_plan(tiny_config, 31) == (36, 10)  # Half a stage more.
+    assert schedule.cooldown_plan(tiny_config, 38) == (40, 10)  # The plan's own end comes first.
+    before = schedule.create_learning_rate_fn(tiny_config, steps_per_epoch=1)
+    tiny_config.update(epochs=36)
+    tiny_config.progressive.stage_epochs = 10
+    after = schedule.create_learning_rate_fn(tiny_config, steps_per_epoch=1)
+    assert [schedule.train_image_size(tiny_config, e) for e in range(31, 37)] == [64] * 6  # The size is kept.
+    assert float(after(30)) == pytest.approx(float(before(30)))  # Continuous where the last stage starts,
+    rates = [float(after(step)) for step in range(30, 37)]
+    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.0, abs=1e-7)  # and down to
+    assert float(before(36)) > 0.1 * float(before(30))  # zero at the new end, where the old plan was far from it.
+    tiny_config.progressive.start_scale = 0.0
+    assert schedule.cooldown_plan(tiny_config, 31) is None  # Without stages a run stops where it is.

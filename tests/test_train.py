@@ -601,7 +601,8 @@ def test_a_run_stops_early_when_validation_stops_improving_and_a_rerun_has_nothi
     # The patience is 10% of 40 epochs, but at least 5: epochs 2-6 do not improve on epoch 1.
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["stopped_early"] is True and not any("stopped_early" in r for r in records[:-1])
-    assert "Stopped early after epoch 6: validation has not improved for 5 epochs" in caplog.text
+    assert "Early stopping: no better validation for 5 epochs" in caplog.text
+    assert "the run ends after epoch 6 instead of 40" in caplog.text
     assert checkpointing.Checkpointer(str(workdir / "checkpoints")).latest_step() == records[-1]["step"]
 
     caplog.clear()
@@ -620,6 +621,29 @@ def test_early_stopping_waits_for_the_last_progressive_stage(tiny_config):
     assert trainer._stops_early(tiny_config, validated, 31, 1)
     assert not trainer._stops_early(tiny_config, validated, 31, 27)  # Improved 4 epochs ago: patience holds.
     assert not trainer._stops_early(tiny_config, {}, 35, 1)  # An epoch without validation never stops a run.
+    tiny_config.update(epochs=36)  # Once early stopping has shortened the last stage (schedule.cooldown_plan),
+    tiny_config.progressive.stage_epochs = 10
+    assert not any(trainer._stops_early(tiny_config, validated, epoch, 1) for epoch in range(32, 37))  # it is over.
+
+
+@pytest.mark.slow
+def test_early_stopping_in_the_last_stage_trains_half_a_stage_more(tiny_config, two_class_dir, tmp_path, caplog):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=20, learning_rate=0.0, early_stopping_share=0.1,
+                       image_size=16)
+    tiny_config.cnn.global_pool = True  # As progressive resizing needs.
+    tiny_config.progressive.update(start_scale=0.5, stages=4)  # Stages of 5 epochs; the last from epoch 16.
+    workdir = tmp_path / "w"
+    caplog.set_level("INFO")
+    records = train.train_and_evaluate(tiny_config, str(workdir))
+    # Validation never improves after epoch 1; early stopping waits for epoch 16, then ends the stage 3 epochs on.
+    assert [r["epoch"] for r in records] == list(range(1, 20))
+    assert records[-1]["stopped_early"] is True and not any("stopped_early" in r for r in records[:-1])
+    assert "the run ends after epoch 19 instead of 20" in caplog.text
+    saved = json.loads((workdir / "config.json").read_text())
+    assert (saved["epochs"], saved["progressive"]["stage_epochs"]) == (19, 5)  # A resume keeps the shorter plan.
+    caplog.clear()
+    assert train.train_and_evaluate(tiny_config, str(workdir)) == records
+    assert "nothing to do" in caplog.text
 
 
 @pytest.mark.slow
