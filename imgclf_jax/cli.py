@@ -32,11 +32,16 @@ COMPILATION_CACHE_MAX_BYTES = 2**30  # Least recently used entries go beyond thi
 
 def prepare_environment(argv: Sequence[str] = (), tensorflow: bool = True) -> None:
     """Called by each entry point before anything imports TensorFlow: without `--verbose` in `argv`,
-    TensorFlow's C++ start-up INFO lines (oneDNN, CPU features) are not printed (a value the user set is
-    kept). With `tensorflow`, it is then imported without the Keras it would load (`_import_tensorflow`) and
-    kept off the GPUs, which JAX owns (tf.data only needs the CPU)."""
+    TensorFlow's C++ start-up INFO lines (CPU features) are not printed (a value the user set is kept).
+    TensorFlow's oneDNN operations are left off unless the user turns them on (`TF_ENABLE_ONEDNN_OPTS=1`):
+    on CPUs where they are on by default (AVX-512 ones) TensorFlow announces them on stderr before it reads
+    its log level, and only tf.data runs on TensorFlow here, whose decoding and resizing do not use them
+    (the same images/s either way, docs/performance.md). With `tensorflow`, it is then imported without the
+    Keras it would load (`_import_tensorflow`) and kept off the GPUs, which JAX owns (tf.data only needs the
+    CPU)."""
     if VERBOSE_FLAG not in argv:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     if tensorflow:
         _import_tensorflow().config.set_visible_devices([], "GPU")
 

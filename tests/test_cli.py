@@ -104,6 +104,19 @@ def test_version_and_a_recipe_by_name_ignore_the_current_folder(tmp_path):
     assert "no recipe named 'no_such_recipe': choose one of cats_vs_dogs, default, demo, tutorial_cnn" in result.stderr
 
 
+def test_tensorflow_starts_quietly_with_its_onednn_operations_off_unless_the_user_says(monkeypatch):
+    from imgclf_jax import cli
+
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):
+        monkeypatch.delenv(name, raising=False)
+    cli.prepare_environment([], tensorflow=False)
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2" and os.environ["TF_ENABLE_ONEDNN_OPTS"] == "0"
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
+    cli.prepare_environment(["--verbose"], tensorflow=False)
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1" and "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+
+
 @pytest.mark.slow
 def test_entry_points_load_tensorflow_without_keras_and_keras_still_loads_afterwards():
     code = ("import sys\n"
