@@ -13,9 +13,11 @@
 //
 // (l runs over the kw*C contiguous values of kernel row i.) The input gradient of a stride-1 convolution is
 // the forward kernel applied to dy with the flipped, transposed kernel (done in imgclf_jax/cpu_conv.py).
-// Work is handed out in chunks of images (or output rows) to one thread per core (IMGCLF_CONV_THREADS sets
-// another count); the weight gradient adds one partial sum per chunk in a fixed order, so a result never
-// depends on thread timing. Results equal XLA's up to float rounding (tests/test_conv.py).
+// Work is handed out in chunks of images (or output rows) to up to one thread per core (IMGCLF_CONV_THREADS
+// sets another count): the calling thread and tasks on XLA's own intra-op thread pool, which XLA hands to each
+// call (IMGCLF_CONV_OWN_THREADS=1: threads of the kernels' own instead, for comparisons); the weight gradient
+// adds one partial sum per chunk in a fixed order, so a result never depends on thread timing. Results equal
+// XLA's up to float rounding (tests/test_conv.py).
 
 #include <immintrin.h>
 #include <sched.h>
@@ -24,7 +26,10 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <condition_variable>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -66,9 +71,12 @@ int NumThreads() {
 
 // Runs body(thread, next) on up to `threads` threads (the caller's among them). next(&begin, &end) hands out
 // the next chunk of [0, count) until none is left: a thread slowed down by other work (XLA runs independent
-// operations beside ours) takes fewer chunks instead of holding the others up at the end.
+// operations beside ours) takes fewer chunks instead of holding the others up at the end. The helpers are
+// tasks on XLA's thread pool where the call has one, so that they do not compete with XLA's threads for the
+// cores (threads of our own beside XLA's made the tutorial CNN's step 14% slower, docs/performance.md): a
+// task that starts only once the caller has taken every chunk returns at once.
 template <typename F>
-void ParallelChunks(int64_t count, int64_t chunk, int threads, F&& body) {
+void ParallelChunks(ffi::ThreadPool& pool, int64_t count, int64_t chunk, int threads, F&& body) {
   std::atomic<int64_t> next_item{0};
   auto next = [&](int64_t* begin, int64_t* end) {
     *begin = next_item.fetch_add(chunk);
@@ -77,6 +85,32 @@ void ParallelChunks(int64_t count, int64_t chunk, int threads, F&& body) {
     return true;
   };
   threads = static_cast<int>(std::min<int64_t>(threads, (count + chunk - 1) / chunk));
+  if (pool.num_threads() > 0 && std::getenv("IMGCLF_CONV_OWN_THREADS") == nullptr) {
+    struct Control {
+      std::mutex mu;
+      std::condition_variable idle;
+      int running = 0;
+      bool closed = false;  // Set once the caller has finished: later tasks must not touch body or next.
+    };
+    const auto control = std::make_shared<Control>();
+    for (int t = 1; t < threads; ++t) {
+      pool.Schedule([control, &body, &next, t] {
+        {
+          std::lock_guard<std::mutex> lock(control->mu);
+          if (control->closed) return;
+          ++control->running;
+        }
+        body(t, next);
+        std::lock_guard<std::mutex> lock(control->mu);
+        if (--control->running == 0) control->idle.notify_all();
+      });
+    }
+    body(0, next);
+    std::unique_lock<std::mutex> lock(control->mu);
+    control->closed = true;
+    control->idle.wait(lock, [&] { return control->running == 0; });
+    return;
+  }
   std::vector<std::thread> workers;
   for (int t = 1; t < threads; ++t) workers.emplace_back([&, t] { body(t, next); });
   body(0, next);
@@ -350,11 +384,11 @@ void PoolRows(const float* top, const float* bottom, const Geometry& g, const Ou
   }
 }
 
-void Forward(const ImageSource& x, const float* w, const Output& out, const Geometry& g) {
+void Forward(ffi::ThreadPool& pool, const ImageSource& x, const float* w, const Output& out, const Geometry& g) {
   const std::vector<float> packed = PackKernel(w, g);
   const int threads = NumThreads();
   const int64_t per_image = out.pooled() ? g.ho / 2 : g.ho;  // Items: output rows, or pairs when pooling.
-  ParallelChunks(g.n * per_image, RowChunk(g.n, per_image, threads), threads, [&](int, auto& next) {
+  ParallelChunks(pool, g.n * per_image, RowChunk(g.n, per_image, threads), threads, [&](int, auto& next) {
     std::vector<float> buf(g.hp * g.wp * g.c), rows(out.pooled() ? 2 * g.wo * g.o : 0);
     const int64_t row_floats = g.sh * g.wp * g.c;
     int64_t padded_image = -1, begin, end;
@@ -378,14 +412,14 @@ void Forward(const ImageSource& x, const float* w, const Output& out, const Geom
   });
 }
 
-void WeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, const Geometry& g) {
+void WeightGrad(ffi::ThreadPool& pool, const ImageSource& x, const ImageSource& dy, float* dw, const Geometry& g) {
   const int64_t op = g.op(), len = g.len(), rows = g.kh * len;
   // One partial sum per chunk of output rows (a fixed split, whichever thread takes a chunk), added up in
   // chunk order: the result does not depend on how the threads happened to share the work.
   const int threads = NumThreads();
   const int64_t items = g.n * g.ho, chunk = WeightGradChunk(g.n, g.ho, rows * op, threads);
   std::vector<std::vector<float>> partial((items + chunk - 1) / chunk);
-  ParallelChunks(items, chunk, threads, [&](int, auto& next) {
+  ParallelChunks(pool, items, chunk, threads, [&](int, auto& next) {
     std::vector<float> buf(g.hp * g.wp * g.c);
     const bool copy_dy = g.o != op || dy.choice != nullptr;
     std::vector<float> dy_copy(copy_dy ? g.ho * g.wo * op : 0, 0.0f);
@@ -703,7 +737,8 @@ void OutputGradTransform(const float* dy_image, const Geometry& g, const Winogra
 }
 
 template <typename W>
-void WinogradForward(const ImageSource& x, const float* w, const Output& out, const Geometry& geometry) {
+void WinogradForward(ffi::ThreadPool& pool, const ImageSource& x, const float* w, const Output& out,
+                     const Geometry& geometry) {
   constexpr int64_t kP = W::kAlpha * W::kAlpha;
   const Geometry g = WinogradPadded<W>(geometry);
   const WinogradShape<W> s(g);
@@ -712,7 +747,7 @@ void WinogradForward(const ImageSource& x, const float* w, const Output& out, co
   const int64_t op = g.op(), c = g.c;
   const int threads = NumThreads();
   const int64_t chunk = g.n >= 4 * threads ? s.blocks : 1;
-  ParallelChunks(g.n * s.blocks, chunk, threads, [&](int, auto& next) {
+  ParallelChunks(pool, g.n * s.blocks, chunk, threads, [&](int, auto& next) {
     std::vector<float> buf(g.hp * g.wp * c), v(kP * per_block * c), m(kP * per_block * op);
     int64_t padded_image = -1, begin, end;
     while (next(&begin, &end)) {
@@ -743,7 +778,8 @@ void WinogradForward(const ImageSource& x, const float* w, const Output& out, co
 }
 
 template <typename W>
-void WinogradWeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, const Geometry& geometry) {
+void WinogradWeightGrad(ffi::ThreadPool& pool, const ImageSource& x, const ImageSource& dy, float* dw,
+                        const Geometry& geometry) {
   constexpr int kA = W::kAlpha;
   constexpr int64_t kP = kA * kA;
   const Geometry g = WinogradPadded<W>(geometry);
@@ -753,7 +789,7 @@ void WinogradWeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, 
   const int threads = NumThreads();
   const int64_t items = g.n * s.blocks, chunk = WeightGradChunk(g.n, s.blocks, size, threads);
   std::vector<std::vector<float>> partial((items + chunk - 1) / chunk);
-  ParallelChunks(items, chunk, threads, [&](int, auto& next) {
+  ParallelChunks(pool, items, chunk, threads, [&](int, auto& next) {
     std::vector<float> buf(g.hp * g.wp * c), v(kP * per_block * c), e(kP * per_block * op);
     std::vector<int64_t> v_offsets(per_block), e_offsets(per_block);
     std::vector<float> dy_expanded(dy.choice != nullptr ? g.ho * g.wo * g.o : 0);
@@ -824,22 +860,22 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, 
   return ffi::Error::Success();
 }
 
-void RunForward(const ImageSource& x, const float* w, const Output& out, const Geometry& g) {
+void RunForward(ffi::ThreadPool& pool, const ImageSource& x, const float* w, const Output& out, const Geometry& g) {
   if (UseWinograd(g) && UseWinogradF4(g))
-    WinogradForward<WinogradF4>(x, w, out, g);
+    WinogradForward<WinogradF4>(pool, x, w, out, g);
   else if (UseWinograd(g))
-    WinogradForward<WinogradF2>(x, w, out, g);
+    WinogradForward<WinogradF2>(pool, x, w, out, g);
   else
-    Forward(x, w, out, g);
+    Forward(pool, x, w, out, g);
 }
 
-void RunWeightGrad(const ImageSource& x, const ImageSource& dy, float* dw, const Geometry& g) {
+void RunWeightGrad(ffi::ThreadPool& pool, const ImageSource& x, const ImageSource& dy, float* dw, const Geometry& g) {
   if (UseWinograd(g) && UseWinogradF4(g))
-    WinogradWeightGrad<WinogradF4>(x, dy, dw, g);
+    WinogradWeightGrad<WinogradF4>(pool, x, dy, dw, g);
   else if (UseWinograd(g))
-    WinogradWeightGrad<WinogradF2>(x, dy, dw, g);
+    WinogradWeightGrad<WinogradF2>(pool, x, dy, dw, g);
   else
-    WeightGrad(x, dy, dw, g);
+    WeightGrad(pool, x, dy, dw, g);
 }
 
 using F32 = ffi::Buffer<ffi::F32>;
@@ -853,32 +889,33 @@ bool IsPooled(ffi::Span<const int64_t> pooled, int64_t n, int64_t full_h, int64_
 
 const ffi::Error kBadPooledShape = ffi::Error::InvalidArgument("imgclf conv: pooled arrays of the wrong shape");
 
-ffi::Error ForwardImpl(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
-                       int64_t pad_top, int64_t pad_left) {
+ffi::Error ForwardImpl(ffi::ThreadPool pool, F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, int64_t stride_h,
+                       int64_t stride_w, int64_t pad_top, int64_t pad_left) {
   Geometry g;
   if (auto e = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), stride_h, stride_w, pad_top,
                             pad_left, &g);
       e.failure())
     return e;
-  RunForward(Plain(x.typed_data(), g.h, g.w, g.c), w.typed_data(), {y->typed_data(), nullptr, nullptr}, g);
+  RunForward(pool, Plain(x.typed_data(), g.h, g.w, g.c), w.typed_data(), {y->typed_data(), nullptr, nullptr}, g);
   return ffi::Error::Success();
 }
 
-ffi::Error WeightGradImpl(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, int64_t stride_h, int64_t stride_w,
-                          int64_t pad_top, int64_t pad_left) {
+ffi::Error WeightGradImpl(ffi::ThreadPool pool, F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, int64_t stride_h,
+                          int64_t stride_w, int64_t pad_top, int64_t pad_left) {
   Geometry g;
   if (auto e = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), stride_h, stride_w, pad_top,
                             pad_left, &g);
       e.failure())
     return e;
-  RunWeightGrad(Plain(x.typed_data(), g.h, g.w, g.c), Plain(dy.typed_data(), g.ho, g.wo, g.o), dw->typed_data(), g);
+  RunWeightGrad(pool, Plain(x.typed_data(), g.h, g.w, g.c), Plain(dy.typed_data(), g.ho, g.wo, g.o), dw->typed_data(),
+                g);
   return ffi::Error::Success();
 }
 
 // y, choice = 2x2 max-pool of ReLU(conv(x, w) + bias), the convolution's output being full_h x full_w.
-ffi::Error ReluPoolImpl(F32 x, F32 w, F32 bias, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::U8> choice,
-                        int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left, int64_t full_h,
-                        int64_t full_w) {
+ffi::Error ReluPoolImpl(ffi::ThreadPool pool, F32 x, F32 w, F32 bias, ffi::ResultBuffer<ffi::F32> y,
+                        ffi::ResultBuffer<ffi::U8> choice, int64_t stride_h, int64_t stride_w, int64_t pad_top,
+                        int64_t pad_left, int64_t full_h, int64_t full_w) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 4 || wd.size() != 4) return kBadPooledShape;
   const std::vector<int64_t> full = {xd[0], full_h, full_w, wd[3]};
@@ -887,14 +924,15 @@ ffi::Error ReluPoolImpl(F32 x, F32 w, F32 bias, ffi::ResultBuffer<ffi::F32> y, f
   if (!IsPooled(y->dimensions(), g.n, g.ho, g.wo, g.o) || !(choice->dimensions() == y->dimensions()) ||
       bias.dimensions().size() != 1 || bias.dimensions()[0] != g.o)
     return kBadPooledShape;
-  RunForward(Plain(x.typed_data(), g.h, g.w, g.c), w.typed_data(),
+  RunForward(pool, Plain(x.typed_data(), g.h, g.w, g.c), w.typed_data(),
              {y->typed_data(), bias.typed_data(), choice->typed_data()}, g);
   return ffi::Error::Success();
 }
 
 // dx of a convolution whose output gradient comes pooled (the forward kernel with the flipped kernel w).
-ffi::Error PooledForwardImpl(F32 dy, U8 choice, F32 w, ffi::ResultBuffer<ffi::F32> dx, int64_t stride_h,
-                             int64_t stride_w, int64_t pad_top, int64_t pad_left, int64_t full_h, int64_t full_w) {
+ffi::Error PooledForwardImpl(ffi::ThreadPool pool, F32 dy, U8 choice, F32 w, ffi::ResultBuffer<ffi::F32> dx,
+                             int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left, int64_t full_h,
+                             int64_t full_w) {
   const auto dd = dy.dimensions(), wd = w.dimensions();
   if (dd.size() != 4 || wd.size() != 4) return kBadPooledShape;
   const std::vector<int64_t> full = {dd[0], full_h, full_w, wd[2]};
@@ -902,14 +940,14 @@ ffi::Error PooledForwardImpl(F32 dy, U8 choice, F32 w, ffi::ResultBuffer<ffi::F3
   if (auto e = MakeGeometry(full, wd, dx->dimensions(), stride_h, stride_w, pad_top, pad_left, &g); e.failure())
     return e;
   if (!IsPooled(dd, g.n, g.h, g.w, g.c) || !(choice.dimensions() == dd)) return kBadPooledShape;
-  RunForward({dy.typed_data(), choice.typed_data(), g.h, g.w, g.c}, w.typed_data(), {dx->typed_data(), nullptr, nullptr},
-             g);
+  RunForward(pool, {dy.typed_data(), choice.typed_data(), g.h, g.w, g.c}, w.typed_data(),
+             {dx->typed_data(), nullptr, nullptr}, g);
   return ffi::Error::Success();
 }
 
 // dw of a convolution whose output gradient comes pooled.
-ffi::Error PooledWeightGradImpl(F32 x, F32 dy, U8 choice, ffi::ResultBuffer<ffi::F32> dw, int64_t stride_h,
-                                int64_t stride_w, int64_t pad_top, int64_t pad_left, int64_t full_h,
+ffi::Error PooledWeightGradImpl(ffi::ThreadPool pool, F32 x, F32 dy, U8 choice, ffi::ResultBuffer<ffi::F32> dw,
+                                int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left, int64_t full_h,
                                 int64_t full_w) {
   const auto xd = x.dimensions(), wd = dw->dimensions();
   if (xd.size() != 4 || wd.size() != 4) return kBadPooledShape;
@@ -918,15 +956,16 @@ ffi::Error PooledWeightGradImpl(F32 x, F32 dy, U8 choice, ffi::ResultBuffer<ffi:
   if (auto e = MakeGeometry(xd, wd, full, stride_h, stride_w, pad_top, pad_left, &g); e.failure()) return e;
   if (!IsPooled(dy.dimensions(), g.n, g.ho, g.wo, g.o) || !(choice.dimensions() == dy.dimensions()))
     return kBadPooledShape;
-  RunWeightGrad(Plain(x.typed_data(), g.h, g.w, g.c), {dy.typed_data(), choice.typed_data(), g.ho, g.wo, g.o},
+  RunWeightGrad(pool, Plain(x.typed_data(), g.h, g.w, g.c), {dy.typed_data(), choice.typed_data(), g.ho, g.wo, g.o},
                 dw->typed_data(), g);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-// Every handler takes the convolution's strides and leading padding; the pooled ones also the unpooled size
-// of their pooled array.
+// Every handler takes XLA's intra-op thread pool (its first argument) and the convolution's strides and leading
+// padding; the pooled ones also the unpooled size of their pooled array.
+static auto BindWithPool() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(); }
 template <typename B>
 static auto ConvAttributes(B&& binding) {
   return std::move(binding)
@@ -941,15 +980,15 @@ static auto PooledAttributes(B&& binding) {
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvForward, ForwardImpl,
-                              ConvAttributes(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()));
+                              ConvAttributes(BindWithPool().Arg<F32>().Arg<F32>().Ret<F32>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvWeightGrad, WeightGradImpl,
-                              ConvAttributes(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()));
+                              ConvAttributes(BindWithPool().Arg<F32>().Arg<F32>().Ret<F32>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvReluPool, ReluPoolImpl,
-                              PooledAttributes(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<U8>()));
+                              PooledAttributes(BindWithPool().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<U8>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvPooledForward, PooledForwardImpl,
-                              PooledAttributes(ffi::Ffi::Bind().Arg<F32>().Arg<U8>().Arg<F32>().Ret<F32>()));
+                              PooledAttributes(BindWithPool().Arg<F32>().Arg<U8>().Arg<F32>().Ret<F32>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ImgclfConvPooledWeightGrad, PooledWeightGradImpl,
-                              PooledAttributes(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<U8>().Ret<F32>()));
+                              PooledAttributes(BindWithPool().Arg<F32>().Arg<F32>().Arg<U8>().Ret<F32>()));
 
 // Lets the loader refuse a CPU without the instructions the kernels were compiled for.
 extern "C" int ImgclfConvCpuSupported() {

@@ -355,3 +355,38 @@ def test_every_build_of_the_kernels_this_cpu_runs_matches_xla(build):
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-1000:]
+
+
+_THREADS_PROGRAM = """
+import sys
+import jax, numpy as np
+from imgclf_jax import cpu_conv
+assert cpu_conv.available()
+rng = np.random.default_rng(0)
+x, w = rng.standard_normal((9, 24, 24, 8), np.float32), rng.standard_normal((3, 3, 8, 16), np.float32)
+dy, pad = rng.standard_normal((9, 24, 24, 16), np.float32), ((1, 1), (1, 1))
+step = jax.jit(lambda x, w, dy: (cpu_conv.forward(x, w, (1, 1), pad),
+                                 cpu_conv.weight_gradient(x, dy, w.shape, (1, 1), pad),
+                                 cpu_conv.weight_gradient(x[..., :3], dy, (3, 3, 3, 16), (1, 1), pad)))
+np.savez(sys.argv[1], *[np.asarray(a) for a in step(x, w, dy)])
+"""
+
+
+@needs_native
+@pytest.mark.slow
+def test_the_kernels_give_the_same_bits_on_xlas_threads_and_on_their_own(tmp_path):
+    """The helpers run as tasks on XLA's thread pool; with IMGCLF_CONV_OWN_THREADS=1 on threads of their own;
+    with IMGCLF_CONV_THREADS=3 more of them than the pool has. The chunks and their order of summation are
+    fixed, so every way gives the same bits (Winograd and direct kernels, forward and weight gradient)."""
+    results = []
+    ways = {"pool": {}, "own": {"IMGCLF_CONV_OWN_THREADS": "1"}, "three": {"IMGCLF_CONV_THREADS": "3"}}
+    for name, extra in ways.items():
+        out = tmp_path / f"{name}.npz"
+        result = subprocess.run([sys.executable, "-c", _THREADS_PROGRAM, str(out)], env={**os.environ, **extra},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        with np.load(out) as arrays:
+            results.append([arrays[key] for key in sorted(arrays.files)])
+    for other in results[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(results[0], other))
+    assert all(np.isfinite(a).all() and np.abs(a).max() > 1.0 for a in results[0])
