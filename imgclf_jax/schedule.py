@@ -62,14 +62,14 @@ def last_stage_start(config: ml_collections.ConfigDict) -> Optional[int]:
                 if progressive_stage(config, epoch) == config.progressive.stages - 1)
 
 
-def cooldown_plan(config: ml_collections.ConfigDict, epoch: int) -> Optional[tuple[int, int]]:
-    """The plan (epochs, progressive.stage_epochs) that early stopping turns a run into after `epoch`: its last
-    progressive stage ends at most half a stage later, and its learning rate still comes down to zero there
-    (`create_learning_rate_fn` decays a re-planned last stage to its own end), so the network gets the low
-    rates where it gains most instead of stopping at a high one. None where the run has no stages: it stops."""
+def cooldown_plan(config: ml_collections.ConfigDict, epoch: int) -> tuple[int, int]:
+    """The plan (epochs, progressive.stage_epochs) that early stopping turns a run into after `epoch`. In the
+    last progressive stage, the stage ends at most half a stage later and its learning rate still comes down
+    to zero there (`create_learning_rate_fn` decays a re-planned last stage to its own end), so the network
+    gets the low rates where it gains most instead of stopping at a high one. Elsewhere the run ends at `epoch`."""
     start = last_stage_start(config)
     if start is None or epoch < start:
-        return None
+        return epoch, config.progressive.stage_epochs
     stage_epochs = config.progressive.stage_epochs or (start - 1) // (config.progressive.stages - 1)
     return min(config.epochs, epoch + max(1, math.ceil(stage_epochs / 2))), stage_epochs
 

@@ -181,7 +181,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
                     progress, last_improved = (record["val_accuracy"], -record["val_loss"]), epoch
                 cooldown = None  # Early stopping's shorter plan: (epochs, progressive.stage_epochs).
                 if parallel.value_of_main_process(int(_stops_early(config, record, epoch, last_improved))):
-                    cooldown = cooldown_plan(config, epoch) or (epoch, config.progressive.stage_epochs)
+                    cooldown = cooldown_plan(config, epoch)
                     log.info("Early stopping: no better validation for %d epochs (accuracy %.4f, loss %.4f at epoch "
                              "%d): the run ends after epoch %d instead of %d.", epoch - last_improved, progress[0],
                              -progress[1], last_improved, cooldown[0], config.epochs)
@@ -224,7 +224,7 @@ def _stops_early(config: ml_collections.ConfigDict, record: dict[str, Any], epoc
     patience = max(5, math.ceil(config.early_stopping_share * config.epochs))
     if epoch < (last_stage_start(config) or 0) or epoch - last_improved < patience:
         return False
-    return (cooldown_plan(config, epoch) or (epoch,))[0] < config.epochs  # Not once the plan is that short.
+    return cooldown_plan(config, epoch)[0] < config.epochs  # Not once the plan is that short.
 
 
 def _prepare(config: ml_collections.ConfigDict) -> _Run:

@@ -69,7 +69,7 @@ def test_learning_rate_schedules(tiny_config):
 def test_early_stopping_cools_down_the_last_stage_instead_of_stopping_at_a_high_learning_rate(tiny_config):
     tiny_config.update(epochs=40, lr_schedule="cosine", warmup_epochs=0.0, learning_rate=1.0, image_size=64)
     tiny_config.progressive.update(start_scale=0.5, stages=4)  # Stages of 10 epochs; the last from epoch 31.
-    assert schedule.cooldown_plan(tiny_config, 30) is None  # Before the last stage: no plan to shorten.
+    assert schedule.cooldown_plan(tiny_config, 30) == (30, 0)  # Before the last stage the run would end there.
     assert schedule.cooldown_plan(tiny_config, 31) == (36, 10)  # Half a stage more.
     assert schedule.cooldown_plan(tiny_config, 38) == (40, 10)  # The plan's own end comes first.
     before = schedule.create_learning_rate_fn(tiny_config, steps_per_epoch=1)
@@ -82,4 +82,4 @@ def test_early_stopping_cools_down_the_last_stage_instead_of_stopping_at_a_high_
     assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.0, abs=1e-7)  # and down to
     assert float(before(36)) > 0.1 * float(before(30))  # zero at the new end, where the old plan was far from it.
     tiny_config.progressive.start_scale = 0.0
-    assert schedule.cooldown_plan(tiny_config, 31) is None  # Without stages a run stops where it is.
+    assert schedule.cooldown_plan(tiny_config, 31) == (31, 10)  # Without stages a run stops where it is.
