@@ -218,12 +218,33 @@ using Vec8 = float __attribute__((vector_size(32)));
 using Vec16 = float __attribute__((vector_size(64)));
 using VecL = std::conditional_t<kLanes == 16, Vec16, Vec8>;
 
-// Calls body(k, T{}) for channels k = 0, 8, 16, ... with T = Vec8, then one at a time with T = float.
+// Calls body(k, T{}) for channels k = 0, kLanes, ... with T = VecL, then for one remainder of 8 with T =
+// Vec8, then one at a time with T = float.
 template <typename F>
 inline void ForChannels(int64_t count, F&& body) {
   int64_t k = 0;
+  for (; k + kLanes <= count; k += kLanes) body(k, VecL{});
   for (; k + 8 <= count; k += 8) body(k, Vec8{});
   for (; k < count; ++k) body(k, 0.0f);
+}
+
+// Pooling choices (whole numbers 0..4 held as floats) as bytes: eight at once for a vector, packed in
+// registers (a lane-by-lane conversion took as long as the 3-channel first layer's convolution).
+inline void StoreChoice(Vec8 positions, uint8_t* choice) {
+  const __m256i ints = _mm256_cvttps_epi32(positions);
+  const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(ints), _mm256_extracti128_si256(ints, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(choice), _mm_packus_epi16(words, words));
+}
+inline void StoreChoice(float position, uint8_t* choice) { *choice = static_cast<uint8_t>(position); }
+inline void StoreChoice(Vec16 positions, uint8_t* choice) {
+#ifdef __AVX512F__
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(choice), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(positions)));
+#else
+  Vec8 half[2];
+  std::memcpy(half, &positions, sizeof(positions));
+  StoreChoice(half[0], choice);
+  StoreChoice(half[1], choice + 8);
+#endif
 }
 
 // One 2x2 window (v0..v3 in row-major order) of a channel vector: y = relu(max(v + bias)) and the position of
@@ -241,9 +262,7 @@ inline void PoolWindow(T v0, T v1, T v2, T v3, T bias, float* y, uint8_t* choice
   }
   const auto positive = best > zero;
   Store(y, positive ? best : zero);
-  float positions[sizeof(T) / sizeof(float)];
-  Store(positions, positive ? at : zero + 4.0f);
-  for (size_t l = 0; l < sizeof(T) / sizeof(float); ++l) choice[l] = static_cast<uint8_t>(positions[l]);
+  StoreChoice(positive ? at : zero + 4.0f, choice);
 }
 
 template <typename V>
