@@ -202,15 +202,18 @@ struct Output {
   bool pooled() const { return choice != nullptr; }
 };
 
+// Unaligned loads and stores of a float or float vector. Through a float-vector type (whose accesses may
+// alias floats only), not memcpy (whose may alias anything): the compiler then keeps sizes, strides and
+// pointers in registers across stores instead of reloading them after each one.
+template <typename T>
+using Unaligned __attribute__((aligned(4))) = T;
 template <typename T>
 inline T Load(const float* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
+  return *reinterpret_cast<const Unaligned<T>*>(p);
 }
 template <typename T>
 inline void Store(float* p, T v) {
-  std::memcpy(p, &v, sizeof(T));
+  *reinterpret_cast<Unaligned<T>*>(p) = v;
 }
 
 // GCC/Clang vector extensions (+ - * ?: work on them): 8 floats, and kLanes floats for the matrix tiles.
