@@ -14,7 +14,8 @@
 2. `compiler_options()`: recent jaxlibs hand convolutions to YNNPACK, which runs this project's convolutions
    at 40-70 GFLOP/s and their weight gradients 10x slower than the forward pass; XLA's own (Eigen)
    convolutions run the same shapes at 100-135 GFLOP/s on 2 cores. The options keep YNNPACK for reductions
-   only (the fastest of the measured choices). Passed to the jitted train/eval/predict steps, only on CPU,
+   and matrix products (dots: the dense layers, which it runs on both cores where XLA's own ran them on
+   one), and its convolutions off (the fastest of the measured choices). Passed to the jitted train/eval/predict steps, only on CPU,
    and only where this jaxlib knows the option (checked once by compiling a tiny function).
 
 3. `one_off_compiler_options()`: for a function compiled to run once, the parameter initialisation. Its
@@ -44,7 +45,7 @@ _M_ARENA_MAX = -8
 _USER_MALLOC_SETTINGS = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 OPT_OUT = "IMGCLF_KEEP_FREED_MEMORY"
 
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_DOT"}
 _ONE_OFF_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
 
 

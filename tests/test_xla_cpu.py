@@ -90,6 +90,19 @@ def test_compiler_options_keep_convolutions_and_their_gradients_out_of_ynnpack()
         assert jnp.allclose(a, b, rtol=1e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU options")
+def test_compiler_options_hand_both_matrix_products_and_reductions_to_ynnpack():
+    options = xla_cpu.compiler_options()
+    if not options:
+        pytest.skip("this jaxlib does not take the XLA:CPU option")
+    a, b = jnp.ones((256, 256)), jnp.ones((256, 128))
+    hlo = jax.jit(lambda a, b: (jnp.tanh(a @ b), jnp.tanh(a).sum(axis=0)),
+                  compiler_options=options).lower(a, b).compile().as_text()
+    ynn_shapes = {line.split("=")[1].split()[0] for line in hlo.splitlines() if "%ynn_fusion" in line.split("=")[0]}
+    assert "f32[256,128]{1,0}" in ynn_shapes  # The matrix product (a dense layer's).
+    assert "f32[256]{0}" in ynn_shapes  # The reduction.
+
+
 def test_auto_conv_without_native_kernels_is_xla_wherever_the_cpu_options_apply(monkeypatch):
     # Where the native kernels build, 'auto' picks them (tests/test_conv.py); here they are made unavailable.
     monkeypatch.setattr(cpu_conv, "available", lambda: False)
