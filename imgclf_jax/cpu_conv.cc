@@ -202,23 +202,38 @@ struct Output {
   bool pooled() const { return choice != nullptr; }
 };
 
-// Unaligned loads and stores of a float or float vector. Through a float-vector type (whose accesses may
-// alias floats only), not memcpy (whose may alias anything): the compiler then keeps sizes, strides and
-// pointers in registers across stores instead of reloading them after each one.
-template <typename T>
-using Unaligned __attribute__((aligned(4))) = T;
-template <typename T>
-inline T Load(const float* p) {
-  return *reinterpret_cast<const Unaligned<T>*>(p);
-}
-template <typename T>
-inline void Store(float* p, T v) {
-  *reinterpret_cast<Unaligned<T>*>(p) = v;
-}
-
 // GCC/Clang vector extensions (+ - * ?: work on them): 8 floats, and kLanes floats for the matrix tiles.
 using Vec8 = float __attribute__((vector_size(32)));
 using Vec16 = float __attribute__((vector_size(64)));
+
+// Unaligned loads and stores of a float or float vector, through vector types of float alignment (as the
+// compilers' own __m256_u and __m512_u are declared) rather than memcpy: memcpy's accesses may alias anything,
+// so after each store the compiler would reload sizes, strides and pointers; these may alias floats only.
+using Vec8Unaligned = float __attribute__((vector_size(32), aligned(4)));
+using Vec16Unaligned = float __attribute__((vector_size(64), aligned(4)));
+template <typename T>
+struct Unaligned {
+  using type = float;
+};
+template <>
+struct Unaligned<Vec8> {
+  using type = Vec8Unaligned;
+};
+template <>
+struct Unaligned<Vec16> {
+  using type = Vec16Unaligned;
+};
+template <typename T>
+inline T Load(const float* p) {
+  static_assert(sizeof(typename Unaligned<T>::type) == sizeof(T), "Load: a float or float vector");
+  return *reinterpret_cast<const typename Unaligned<T>::type*>(p);
+}
+template <typename T>
+inline void Store(float* p, T v) {
+  static_assert(sizeof(typename Unaligned<T>::type) == sizeof(T), "Store: a float or float vector");
+  *reinterpret_cast<typename Unaligned<T>::type*>(p) = v;
+}
+
 using VecL = std::conditional_t<kLanes == 16, Vec16, Vec8>;
 
 // Calls body(k, T{}) for channels k = 0, kLanes, ... with T = VecL, then for one remainder of 8 with T =
@@ -231,8 +246,8 @@ inline void ForChannels(int64_t count, F&& body) {
   for (; k < count; ++k) body(k, 0.0f);
 }
 
-// Pooling choices (whole numbers 0..4 held as floats) as bytes: eight at once for a vector, packed in
-// registers (a lane-by-lane conversion took as long as the 3-channel first layer's convolution).
+// Pooling choices (whole numbers 0..4 held as floats) as bytes, a vector at once, packed in registers: lane by
+// lane, the conversion costs as much as the 3-channel first layer's convolution (docs/performance.md).
 inline void StoreChoice(Vec8 positions, uint8_t* choice) {
   const __m256i ints = _mm256_cvttps_epi32(positions);
   const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(ints), _mm256_extracti128_si256(ints, 1));
@@ -444,7 +459,7 @@ void WeightGrad(ffi::ThreadPool& pool, const ImageSource& x, const ImageSource& 
   ParallelChunks(pool, items, chunk, threads, [&](int, auto& next) {
     std::vector<float> buf(g.hp * g.wp * g.c);
     // A tile's pixels of dy as whole vectors (zero-padded channels), expanded from a pooled gradient if need
-    // be: made per tile, so that they stay in L1 (an image's at a time passed L2 at 180 px).
+    // be: made per tile, so that they stay in L1 (a whole image's at 180 px would fill a core's L2).
     const bool copy_dy = g.o != op || dy.choice != nullptr;
     std::vector<float> dy_tile(copy_dy ? kTilePixels * op : 0, 0.0f);
     std::vector<int64_t> a_offsets(kTilePixels), d_offsets(kTilePixels);
