@@ -14,9 +14,10 @@
 2. `compiler_options()`: recent jaxlibs hand convolutions to YNNPACK, which runs this project's convolutions
    at 40-70 GFLOP/s and their weight gradients 10x slower than the forward pass; XLA's own (Eigen)
    convolutions run the same shapes at 100-135 GFLOP/s on 2 cores. The options keep YNNPACK for reductions
-   and matrix products (dots: the dense layers, which it runs on both cores where XLA's own ran them on
-   one), and its convolutions off (the fastest of the measured choices). Passed to the jitted train/eval/predict steps, only on CPU,
-   and only where this jaxlib knows the option (checked once by compiling a tiny function).
+   and matrix products (dots: the dense layers, which it runs on both cores where XLA's own runs them on
+   one), and its convolutions off (the fastest of the measured choices). Passed to the jitted
+   train/eval/predict steps, only on CPU, and only where this jaxlib knows the option (checked once by
+   compiling a tiny function).
 
 3. `one_off_compiler_options()`: for a function compiled to run once, the parameter initialisation. Its
    code is mostly random-number generation (threefry and an inverse erf per parameter array), which LLVM
@@ -46,6 +47,8 @@ _USER_MALLOC_SETTINGS = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_TH
 OPT_OUT = "IMGCLF_KEEP_FREED_MEMORY"
 
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_DOT"}
+# For a jaxlib that takes one fusion type only: reductions, still keeping YNNPACK's convolutions out.
+_CPU_OPTIONS_FALLBACK = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 _ONE_OFF_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
@@ -67,7 +70,7 @@ def keep_freed_memory() -> bool:
 @functools.cache
 def compiler_options() -> dict[str, Any]:
     """XLA compiler options for `jax.jit(..., compiler_options=...)` on the default backend ({} off CPU)."""
-    return _cpu_options_if_accepted(_CPU_OPTIONS)
+    return _cpu_options_if_accepted(_CPU_OPTIONS) or _cpu_options_if_accepted(_CPU_OPTIONS_FALLBACK)
 
 
 @functools.cache

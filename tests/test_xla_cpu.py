@@ -103,6 +103,16 @@ def test_compiler_options_hand_both_matrix_products_and_reductions_to_ynnpack():
     assert "f32[256]{0}" in ynn_shapes  # The reduction.
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU options")
+def test_an_xla_that_rejects_the_list_of_fusion_types_still_keeps_ynnpacks_convolutions_out(monkeypatch):
+    if not xla_cpu.compiler_options():
+        pytest.skip("this jaxlib does not take the XLA:CPU option")
+    # A fusion type this XLA does not know stands for a jaxlib that takes one type only.
+    monkeypatch.setattr(xla_cpu, "_CPU_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type":
+                                                  "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_NO_SUCH_TYPE"})
+    assert xla_cpu.compiler_options.__wrapped__() == xla_cpu._CPU_OPTIONS_FALLBACK
+
+
 def test_auto_conv_without_native_kernels_is_xla_wherever_the_cpu_options_apply(monkeypatch):
     # Where the native kernels build, 'auto' picks them (tests/test_conv.py); here they are made unavailable.
     monkeypatch.setattr(cpu_conv, "available", lambda: False)
