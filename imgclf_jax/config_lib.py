@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_dir = ""
     c.tfds_data_dir = ""  # Where TFDS keeps prepared data ('' = TFDS's default, ~/tensorflow_datasets).
     c.validation_split = 0.2  # Held out (stratified, seeded) when there is no validation folder/split.
+    # A folder without a validation folder holds validation_split out only where its training photos are at least
+    # this many a class on average (0: always). Below it, or with validation_split 0, every photo trains, there
+    # is no validation (no best-epoch choice, no early stopping) and the run keeps its last epoch.
+    c.min_photos_per_class_to_hold_out = 0
     c.image_size = 128
     # True: where the training photos' median shorter side is below image_size, train (and score) at that
     # side instead, a multiple of 8 and at least MIN_PHOTO_IMAGE_SIZE: enlarged photos add cost, not detail.

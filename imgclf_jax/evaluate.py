@@ -19,7 +19,7 @@ if __name__ == "__main__":  # Before TensorFlow loads, so that its C++ start-up 
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -29,21 +29,24 @@ from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import classification_report
 from imgclf_jax.steps import evaluate_batches
 
-def _pick_split(available: list[str], split: Optional[str], where: str) -> str:
+def _pick_split(available: list[str], split: Optional[str], where: str,
+                order: Sequence[str] = ("test", "validation")) -> str:
     if split:
         if split not in available:
             raise UserError(f"{where} has no '{split}' split (it has {', '.join(available) or 'none'})")
         return split
-    for candidate in ("test", "validation"):
+    for candidate in order:
         if candidate in available:
             return candidate
-    raise UserError(f"{where} has neither a test nor a validation split; name one with --split")
+    raise UserError(f"{where} has neither a {' nor a '.join(order)} split; name one with --split")
 
 
 def resolve_eval_data(
-    run: inference.TrainedRun, data_dir: Optional[str], dataset: Optional[str], split: Optional[str]
+    run: inference.TrainedRun, data_dir: Optional[str], dataset: Optional[str], split: Optional[str],
+    order: Sequence[str] = ("test", "validation"),
 ) -> tuple[input_pipeline.Split, str, str, list[tuple[str, str]]]:
-    """Returns (split, report name, description, skipped files) for the data to score.
+    """Returns (split, report name, description, skipped files) for the data to score: `split`, or without
+    it the first of `order` that the data has.
 
     `data_dir` may be a dataset root (train/validation/test folders) or a folder of class sub-folders.
     With neither `data_dir` nor `dataset`, the run's own data is used (the same held-out split, if any).
@@ -57,7 +60,7 @@ def resolve_eval_data(
             raise UserError(f"data folder {data_dir} does not exist")
         split_folders = folders.find_split_folders(root)
         if split_folders:
-            name = _pick_split(sorted(split_folders), split, str(root))
+            name = _pick_split(sorted(split_folders), split, str(root), order)
             folder = split_folders[name]
         else:
             if split:
@@ -73,12 +76,12 @@ def resolve_eval_data(
         config.dataset, config.data_dir = dataset, ""
     # Only the split asked for is opened, so a problem in another (say a test/ class the model never saw)
     # does not stop the report, which scores validation.
-    source = input_pipeline.load_source(config, splits=(split,) if split else ("validation", "test"))
+    source = input_pipeline.load_source(config, splits=(split,) if split else tuple(order))
     if source.class_names != run.class_names:
         raise UserError(
             f"{source.description} has classes {source.class_names}, but the model was trained on "
             f"{run.class_names}")
-    name = _pick_split(sorted(source.splits), split, source.description)
+    name = _pick_split(sorted(source.splits), split, source.description, order)
     prefix = dataset.split(":", 1)[-1] + "_" if dataset else ""  # evaluate() makes the name file-safe.
     return source.splits[name], prefix + name, f"{source.description} ({name})", source.skipped
 

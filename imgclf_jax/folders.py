@@ -225,8 +225,11 @@ def load_folder_dataset(
     seed: int = 0,
     max_pixels: int = image_io.DEFAULT_MAX_IMAGE_PIXELS,
     splits: Sequence[str] = ("train", "validation"),
+    min_photos_per_class_to_hold_out: int = 0,
 ) -> FolderDataset:
-    """Finds classes and usable images of `data_dir`; holds out validation when there is no such folder."""
+    """Finds classes and usable images of `data_dir`; holds out validation when there is no such folder, unless
+    `validation_split` is 0 or the training photos are fewer than `min_photos_per_class_to_hold_out` a class on
+    average: then every photo trains and there is no validation split."""
     root = Path(data_dir).expanduser()
     if not root.exists():
         raise UserError(f"data folder {data_dir} does not exist")
@@ -260,11 +263,16 @@ def load_folder_dataset(
             if not result["validation"]:
                 raise UserError(f"no usable images found in {split_folders['validation']}")
         note = f"validation folder {split_folders['validation']}"
+    elif validation_split == 0 or len(train) < min_photos_per_class_to_hold_out * len(class_names):
+        wants_validation = False
+        note = (f"none: every photo trains, as {len(train) / len(class_names):.0f} a class are fewer than the "
+                f"{min_photos_per_class_to_hold_out} that a validation split is held out from"
+                if validation_split else "none (validation_split 0): every photo trains")
     else:
         if not 0.0 < validation_split < 1.0:
             raise UserError(
-                f"{root} has no validation folder, so validation_split must be between 0 and 1 "
-                f"(got {validation_split})"
+                f"{root} has no validation folder, so validation_split must be between 0 and 1, or 0 to train "
+                f"on every photo without validation (got {validation_split})"
             )
         train, held_out = stratified_holdout(train, validation_split, seed)
         if not held_out:

@@ -95,8 +95,10 @@ def load_folder_source(
     image_size: int,
     max_pixels: int,
     splits: Sequence[str] = ("train", "validation"),
+    min_photos_per_class_to_hold_out: int = 0,
 ) -> DataSource:
-    found = folders.load_folder_dataset(data_dir, validation_split, seed, max_pixels, splits)
+    found = folders.load_folder_dataset(data_dir, validation_split, seed, max_pixels, splits,
+                                        min_photos_per_class_to_hold_out)
     folders.warn_about_leaks(found)
     return DataSource(
         description=f"folder {found.root}",
@@ -157,9 +159,13 @@ def load_tfds_source(
     if "validation" in available:
         split_specs = {"train": "train", "validation": "validation"}
         note = "TFDS validation split"
+    elif validation_split == 0:
+        split_specs = {"train": "train"}
+        note = "none (validation_split 0): the whole TFDS train split trains"
     else:
         if not 0.0 < validation_split < 1.0:
-            raise UserError(f"validation_split must be between 0 and 1 (got {validation_split})")
+            raise UserError(f"validation_split must be between 0 and 1, or 0 to train on the whole train split "
+                            f"without validation (got {validation_split})")
         cut = int(round(100 * (1.0 - validation_split)))
         split_specs = {"train": f"train[:{cut}%]", "validation": f"train[{cut}%:]"}
         note = f"last {100 - cut}% of the TFDS train split held out"
@@ -222,7 +228,8 @@ def load_source(config: ml_collections.ConfigDict, splits: Sequence[str] = ("tra
     else:
         raise UserError("no data given: use --data_dir DIR (a folder of class sub-folders) or --dataset tfds:NAME")
     return load_folder_source(
-        data_dir, config.validation_split, config.seed, config.image_size, config.max_image_pixels, splits
+        data_dir, config.validation_split, config.seed, config.image_size, config.max_image_pixels, splits,
+        config.min_photos_per_class_to_hold_out,
     )
 
 

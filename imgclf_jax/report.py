@@ -160,6 +160,7 @@ class ValidationScores:
     hardest: HardestImages
     paths: Optional[Sequence[str]]
     description: str
+    split: str = "validation"  # 'test' for a run that trained on every photo, without validation.
 
 
 class ValidationScorer:
@@ -183,12 +184,14 @@ class ValidationScorer:
 
 def score_checkpoint(workdir: str, checkpoint: str = "best", gallery_size: int = GALLERY_SIZE,
                      batch_size: int = 64) -> ValidationScores:
-    """Restores `checkpoint` of the run in `workdir` and scores it on the run's validation data."""
+    """Restores `checkpoint` of the run in `workdir` and scores it on the run's validation data, or on its test
+    photos where it trained on every other photo, without validation."""
     run = inference.load_run(workdir, checkpoint)
-    data, _, description, _ = evaluate.resolve_eval_data(run, None, None, "validation")
+    data, split, description, _ = evaluate.resolve_eval_data(run, None, None, None, order=("validation", "test"))
     scorer = ValidationScorer(gallery_size)
     evaluate.predict_split(run, data, batch_size, tta="none", on_batch=scorer.add)  # As training validates.
-    return scorer.scores(run.config, run.class_names, run.step, run.epoch, data.paths, description)
+    scores = scorer.scores(run.config, run.class_names, run.step, run.epoch, data.paths, description)
+    return dataclasses.replace(scores, split=split)
 
 
 def build_report(workdir: str, checkpoint: str = "best", gallery_size: int = GALLERY_SIZE, batch_size: int = 64,
@@ -207,7 +210,7 @@ def build_report(workdir: str, checkpoint: str = "best", gallery_size: int = GAL
     headline = [("accuracy", f"{report['accuracy']:.4f}"), ("loss", f"{report['loss']:.4f}"),
                 ("macro F1", f"{report['macro_f1']:.4f}"),
                 ("ECE", f"{calibration['expected_calibration_error']:.4f}"),
-                ("validation images", f"{report['num_examples']:,}")]
+                (f"{scores.split} images", f"{report['num_examples']:,}")]
     if "roc_auc" in report:
         headline.insert(3, ("ROC-AUC", f"{report['roc_auc']:.4f}"))
     if "top5_accuracy" in report:
@@ -239,7 +242,7 @@ def build_report(workdir: str, checkpoint: str = "best", gallery_size: int = GAL
 </head>
 <body>
 <header>
-<h1>{html.escape(name)}: {report['accuracy']:.1%} validation accuracy</h1>
+<h1>{html.escape(name)}: {report['accuracy']:.1%} {scores.split} accuracy</h1>
 <p>{html.escape(config.model)} on {html.escape(scores.description)}; checkpoint {html.escape(str(checkpoint))}
 (step {scores.step}, epoch {scores.epoch} of {len(records) or '?'} trained); {len(class_names)} classes;
 generated {generated} by imgclf_jax.report{tta_note}</p>
@@ -252,11 +255,11 @@ generated {generated} by imgclf_jax.report{tta_note}</p>
 <img class="figure" alt="confusion matrix" src="{confusion}"></div></section>
 <section id="calibration"><h2>Calibration</h2>
 <div class="figures"><img class="figure" alt="reliability diagram" src="{reliability}">
-<p class="note" style="max-width:420px">Each bar is the accuracy of the validation images whose top-class
+<p class="note" style="max-width:420px">Each bar is the accuracy of the {scores.split} images whose top-class
 probability falls in that bin; a calibrated model's bars follow the diagonal. The expected calibration error
 (ECE) is the average gap, weighted by how many images each bin holds:
 <b>{calibration['expected_calibration_error']:.4f}</b>.</p></div></section>
-<section id="gallery"><h2>Highest-loss validation images ({len(hardest.worst_first())})</h2>
+<section id="gallery"><h2>Highest-loss {scores.split} images ({len(hardest.worst_first())})</h2>
 <p class="note">As the model saw them (resized to {config.image_size}&times;{config.image_size}), worst first:
 label errors, ambiguous photos and the model's blind spots show up here.</p>
 {_gallery(hardest.worst_first(), class_names, scores.paths, config.get("data_dir") or None)}</section>

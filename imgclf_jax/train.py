@@ -38,15 +38,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     result = trainer.fit(config, workdir, (lambda: report.ValidationScorer(report.GALLERY_SIZE)) if keep_scores
                          else None)
     best = best_record(result.records)
-    if not parallel.is_main_process() or best is None:
+    if not parallel.is_main_process() or not result.records:
         return result.records
     plotting.plot_training_curves({result.config.name: result.records}, os.path.join(workdir, CURVES_FILE))
-    log.info("Best validation accuracy %.4f at epoch %d. Work directory: %s", best["val_accuracy"], best["epoch"],
-             workdir)
+    if best is not None:
+        log.info("Best validation accuracy %.4f at epoch %d. Work directory: %s", best["val_accuracy"],
+                 best["epoch"], workdir)
+    else:
+        log.info("No validation photos: the last epoch (%d) is kept; score it on photos it has not seen with "
+                 "`python -m imgclf_jax.evaluate --workdir %s` (the data's test split) or `... --data_dir DIR`.",
+                 result.records[-1]["epoch"], workdir)
     if result.config.report:
         # Scores from before a resume are not at hand: then the report scores the best checkpoint itself.
         scores = None
-        if result.best_scorer is not None and result.best_epoch == best["epoch"]:
+        if result.best_scorer is not None and best is not None and result.best_epoch == best["epoch"]:
             scores = result.best_scorer.scores(result.config, result.class_names, result.best_step,
                                                result.best_epoch, result.validation_paths,
                                                f"{result.data_description} (validation)")

@@ -71,7 +71,7 @@ class _Run:
     steps_per_epoch: int
     rows: tuple[int, int]
     train_images: Any
-    val_images: Any
+    val_images: Any  # None without a validation split: every epoch trains, none is validated.
     train_step: Callable  # (state, batch, image_size) -> (state, metrics)
     eval_step: Callable  # (state, batch) -> sums, logits, probabilities
     # (learning-rate schedule, optimizer) by the config they were made for. The optimizer is part of the
@@ -113,7 +113,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
         log.info("Data: %s; %d classes (%s); %d training and %d validation images (validation: %s).",
                  run.source.description, len(class_names),
                  ", ".join(class_names[:10]) + (" ..." if len(class_names) > 10 else ""), train_split.num_examples,
-                 run.source.splits["validation"].num_examples, run.source.validation_note)
+                 getattr(run.source.splits.get("validation"), "num_examples", 0), run.source.validation_note)
         checkpointer = checkpointing.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR),
                                                   config.checkpoints_to_keep)
         cleanup.callback(checkpointer.close)
@@ -210,7 +210,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
         finally:
             checkpointer.wait_until_finished()  # The last good checkpoint is on disk, whatever stopped the loop.
     return TrainResult(read_metrics(workdir) if is_main else [], config, class_names, run.source.description,
-                       run.source.splits["validation"].paths, *best)
+                       getattr(run.source.splits.get("validation"), "paths", None), *best)
 
 
 def _stops_early(config: ml_collections.ConfigDict, record: dict[str, Any], epoch: int, last_improved: int) -> bool:
@@ -243,7 +243,7 @@ def _prepare(config: ml_collections.ConfigDict) -> _Run:
         listed = "; ".join(f"{p}: {reason}" for p, reason in source.skipped[:5])
         more = f" (and {len(source.skipped) - 5} more)" if len(source.skipped) > 5 else ""
         raise UserError(f"{len(source.skipped)} unusable file(s) and --strict is set: {listed}{more}")
-    train_split, val_split = source.splits["train"], source.splits["validation"]
+    train_split, val_split = source.splits["train"], source.splits.get("validation")
     if train_split.num_examples < config.batch_size:
         raise UserError(f"batch_size {config.batch_size} is larger than the training set ({train_split.num_examples} "
                         "images); lower --batch_size")
@@ -272,7 +272,7 @@ def _prepare(config: ml_collections.ConfigDict) -> _Run:
         source, loss_kind, mesh, model, train_split.num_examples // config.batch_size,
         parallel.process_rows(mesh, config.batch_size),
         input_pipeline.prepare(train_split, config.image_size, config.resize, config.cache),
-        input_pipeline.prepare(val_split, config.image_size, config.resize, config.cache),
+        input_pipeline.prepare(val_split, config.image_size, config.resize, config.cache) if val_split else None,
         train_step_fn, lambda state, batch: jitted_eval(state, parallel.global_batch(mesh, batch)))
 
 
@@ -325,7 +325,7 @@ def _train_one_epoch(config: ml_collections.ConfigDict, run: _Run, state: TrainS
               "train_loss": float(np.mean([m["loss"] for m in step_metrics])),
               "train_accuracy": float(np.mean([m["accuracy"] for m in step_metrics]))}
     scorer = None
-    if validates_after(config, epoch):
+    if run.val_images is not None and validates_after(config, epoch):
         scorer = scorer_factory() if scorer_factory else None
         val = evaluate_batches(run.eval_step, state,
                                input_pipeline.eval_batches(run.val_images, config.batch_size, run.rows),
@@ -382,6 +382,8 @@ def measure_costs(config: ml_collections.ConfigDict, run: _Run, probe: TrainStat
     throwaway state)."""
     cached, decode_seconds = {}, {}
     for name, images in (("train", run.train_images), ("validation", run.val_images)):
+        if images is None:
+            continue
         start = clock()
         for _ in input_pipeline.iterate(images):  # A whole pass fills tf.data's cache; later epochs read from it.
             pass
@@ -397,15 +399,14 @@ def measure_costs(config: ml_collections.ConfigDict, run: _Run, probe: TrainStat
         for size in sizes:
             probe, seconds = time_call(functools.partial(run.train_step, image_size=size), probe, batch, 8, clock)
             step_seconds[size] = min(seconds, step_seconds.get(size, math.inf))
-    val_batches = lambda: input_pipeline.eval_batches(run.val_images, config.batch_size, run.rows)
-    jax.block_until_ready(run.eval_step(probe, next(val_batches())))
-    start = clock()
-    evaluate_batches(run.eval_step, probe, val_batches())
-    validation_seconds = clock() - start
-    # Without the cache every epoch decodes its images again.
-    return time_budget.Costs(
-        step_seconds, run.steps_per_epoch, 0.0 if cached["train"] else decode_seconds["train"],
-        validation_seconds + (0.0 if cached["validation"] else decode_seconds["validation"]))
+    extra = {name: 0.0 if cached[name] else decode_seconds[name] for name in cached}  # Uncached: decoded each epoch.
+    if run.val_images is not None:
+        val_batches = lambda: input_pipeline.eval_batches(run.val_images, config.batch_size, run.rows)
+        jax.block_until_ready(run.eval_step(probe, next(val_batches())))
+        start = clock()
+        evaluate_batches(run.eval_step, probe, val_batches())
+        extra["validation"] += clock() - start
+    return time_budget.Costs(step_seconds, run.steps_per_epoch, extra["train"], extra.get("validation", 0.0))
 
 
 def time_call(call: Callable, state: TrainState, batch: dict[str, np.ndarray], calls: int,
