@@ -34,9 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_dir = ""
     c.tfds_data_dir = ""  # Where TFDS keeps prepared data ('' = TFDS's default, ~/tensorflow_datasets).
     c.validation_split = 0.2  # Held out (stratified, seeded) when there is no validation folder/split.
-    # A folder without a validation folder holds validation_split out only where its training photos are at least
-    # this many a class on average (0: always). Below it, or with validation_split 0, every photo trains, there
-    # is no validation (no best-epoch choice, no early stopping) and the run keeps its last epoch.
+    # A folder with a test folder but no validation folder holds validation_split out only where its training
+    # photos are at least this many a class on average (0: always). Below it, or with validation_split 0, every
+    # photo trains, there is no validation (no best-epoch choice, no early stopping), the run keeps its last
+    # epoch, and its report scores the test photos. A folder without a test folder always holds validation out,
+    # its only measure of the run.
     c.min_photos_per_class_to_hold_out = 0
     c.image_size = 128
     # True: where the training photos' median shorter side is below image_size, train (and score) at that
@@ -233,6 +235,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.auto_time_budget.min_minutes > config.auto_time_budget.max_minutes:
         raise UserError(f"auto_time_budget.min_minutes ({config.auto_time_budget.min_minutes}) is above "
                         f"auto_time_budget.max_minutes ({config.auto_time_budget.max_minutes})")
+    if not 0.0 <= config.validation_split < 1.0:
+        raise UserError(f"validation_split must be in [0, 1) (0: every photo trains, without validation; got "
+                        f"{config.validation_split!r})")
+    if isinstance(config.min_photos_per_class_to_hold_out, bool) or config.min_photos_per_class_to_hold_out < 0:
+        raise UserError("min_photos_per_class_to_hold_out must be a non-negative whole number (got "
+                        f"{config.min_photos_per_class_to_hold_out!r})")
     if not 0.0 <= config.early_stopping_share < 1.0:
         raise UserError(f"early_stopping_share must be in [0, 1) (got {config.early_stopping_share!r})")
     if config.optimizer not in ("adam", "sgd"):

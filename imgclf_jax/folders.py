@@ -228,8 +228,8 @@ def load_folder_dataset(
     min_photos_per_class_to_hold_out: int = 0,
 ) -> FolderDataset:
     """Finds classes and usable images of `data_dir`; holds out validation when there is no such folder, unless
-    `validation_split` is 0 or the training photos are fewer than `min_photos_per_class_to_hold_out` a class on
-    average: then every photo trains and there is no validation split."""
+    `validation_split` is 0, or there is a test folder (to score the run on) and the training photos are fewer
+    than `min_photos_per_class_to_hold_out` a class on average: then every photo trains, without validation."""
     root = Path(data_dir).expanduser()
     if not root.exists():
         raise UserError(f"data folder {data_dir} does not exist")
@@ -263,7 +263,8 @@ def load_folder_dataset(
             if not result["validation"]:
                 raise UserError(f"no usable images found in {split_folders['validation']}")
         note = f"validation folder {split_folders['validation']}"
-    elif validation_split == 0 or len(train) < min_photos_per_class_to_hold_out * len(class_names):
+    elif validation_split == 0 or ("test" in split_folders and
+                                   len(train) < min_photos_per_class_to_hold_out * len(class_names)):
         wants_validation = False
         note = (f"none: every photo trains, as {len(train) / len(class_names):.0f} a class are fewer than the "
                 f"{min_photos_per_class_to_hold_out} that a validation split is held out from"

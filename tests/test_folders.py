@@ -67,6 +67,30 @@ def test_train_and_test_without_validation_holds_out_from_train(tmp_path):
     assert all("/test/" in e.path for e in found.splits["test"])
 
 
+def test_a_folder_with_few_photos_a_class_trains_on_every_photo_without_validation(tmp_path):
+    make_class_folder(tmp_path / "d" / "train", {"x": 10, "y": 8})
+    make_class_folder(tmp_path / "d" / "test", {"x": 3, "y": 3}, start=50)
+    few = folders.load_folder_dataset(str(tmp_path / "d"), 0.2, splits=("train", "validation", "test"),
+                                      min_photos_per_class_to_hold_out=10)  # 9 a class on average.
+    assert sorted(few.splits) == ["test", "train"] and len(few.splits["train"]) == 18
+    assert "every photo trains, as 9 a class are fewer than the 10" in few.validation_note
+    enough = folders.load_folder_dataset(str(tmp_path / "d"), 0.2, min_photos_per_class_to_hold_out=9)
+    assert len(enough.splits["train"]) + len(enough.splits["validation"]) == 18 and enough.splits["validation"]
+    none_asked = folders.load_folder_dataset(str(tmp_path / "d"), 0.0)
+    assert sorted(none_asked.splits) == ["train"] and "validation_split 0" in none_asked.validation_note
+
+
+def test_a_folder_without_a_test_folder_always_holds_validation_out(tmp_path):
+    make_class_folder(tmp_path / "d", {"x": 10, "y": 8})  # Validation is then its only measure of the run.
+    found = folders.load_folder_dataset(str(tmp_path / "d"), 0.2, min_photos_per_class_to_hold_out=100)
+    assert len(found.splits["train"]) + len(found.splits["validation"]) == 18 and found.splits["validation"]
+
+
+def test_a_validation_folder_is_used_however_few_the_photos(two_class_dir):
+    found = folders.load_folder_dataset(str(two_class_dir), 0.2, min_photos_per_class_to_hold_out=10_000)
+    assert found.splits["validation"] and "validation folder" in found.validation_note
+
+
 def test_images_found_recursively_and_junk_ignored(tmp_path):
     root = make_class_folder(tmp_path / "d", {"x": 4, "y": 4})
     write_image(root / "x" / "nested" / "deeper.png", class_image(0))

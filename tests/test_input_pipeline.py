@@ -139,6 +139,15 @@ def test_tfds_validation_split_is_used_when_present(tmp_path):
     assert {k: s.num_examples for k, s in source.splits.items()} == {"train": 20, "validation": 7, "test": 5}
 
 
+def test_tfds_without_a_validation_split_and_validation_split_0_trains_on_the_whole_train_split(tmp_path):
+    _write_tfds_metadata(tmp_path, "tf_flowers", {"train": 40})
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_FILES,
+                                data_dir=str(tmp_path)):
+        source = input_pipeline.load_tfds_source("tf_flowers", 0.0, data_dir=str(tmp_path))
+    assert {k: s.num_examples for k, s in source.splits.items()} == {"train": 40}
+    assert "validation_split 0" in source.validation_note
+
+
 def test_tfds_offline_is_one_clear_error(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise ConnectionError("Failed to establish a new connection: [Errno -3] name resolution")

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import fresh_state
+from helpers import fresh_state, make_class_folder
 from imgclf_jax import (checkpointing, config_lib, inference, input_pipeline, losses, recipes, schedule, steps,
                         time_budget, train, train_state, trainer)
 from imgclf_jax.errors import UserError
@@ -313,6 +313,26 @@ def test_three_classes_use_softmax_and_a_held_out_split(tiny_config, flat_three_
 
 
 @pytest.mark.slow
+def test_a_run_without_validation_keeps_its_last_epoch_and_reports_on_test_photos(tiny_config, tmp_path, caplog):
+    data = tmp_path / "d"
+    make_class_folder(data / "train", {"cats": 24, "dogs": 24})
+    make_class_folder(data / "test", {"cats": 5, "dogs": 5}, start=100)
+    tiny_config.update(data_dir=str(data), epochs=3, report=True, early_stopping_share=0.5,
+                       min_photos_per_class_to_hold_out=25)
+    caplog.set_level("INFO")
+    records = train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+    assert [r["epoch"] for r in records] == [1, 2, 3] and not any("val_accuracy" in r for r in records)
+    assert "48 training and 0 validation images" in caplog.text
+    assert "No validation photos: the last epoch (3) is kept" in caplog.text
+    checkpointer = checkpointing.Checkpointer(str(tmp_path / "w" / "checkpoints"), read_only=True)
+    assert checkpointer.restore(fresh_state(tiny_config, 1), "best")[2] == 3 * (48 // 8)  # The last epoch's step.
+    page = (tmp_path / "w" / "report.html").read_text()
+    assert "test accuracy</h1>" in page and "<b>10</b><span>test images</span>" in page
+    assert "validation accuracy" not in page
+    assert (tmp_path / "w" / "training_curves.png").is_file()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("field, value, message", [
     ("epochs", 0, "epochs must be a positive"),
     ("batch_size", -4, "batch_size must be a positive"),
@@ -329,6 +349,8 @@ def test_three_classes_use_softmax_and_a_held_out_split(tiny_config, flat_three_
     ("mix.prob", 1.5, r"mix.prob must be in \[0, 1\]"),
     ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
     ("validate_every", 0, "validate_every must be a positive"),
+    ("validation_split", 1.0, r"validation_split must be in \[0, 1\)"),
+    ("min_photos_per_class_to_hold_out", -1, "min_photos_per_class_to_hold_out must be a non-negative"),
     ("optimizer", "lamb", "optimizer must be 'adam' or 'sgd'"),
     ("momentum", 1.0, r"momentum must be in \[0, 1\)"),
     ("progressive.start_scale", 1.5, r"progressive.start_scale must be in \[0, 1\]"),
