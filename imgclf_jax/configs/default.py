@@ -54,10 +54,6 @@ def get_config():
     config.auto_time_budget.max_minutes = 20.0
     config.early_stopping_share = 0.25
     config.validate_every = 11  # And every epoch of the last stage, where the best epoch is found.
-    # A train/ + test/ folder of fewer than 200 photos a class: every photo trains and the last epoch is kept (no
-    # validation split): +0.020 and +0.018 test accuracy on 130 and 150 photos a class (docs/accuracy.md, e161),
-    # where a fifth held out picked an epoch no better than the last.
-    config.min_photos_per_class_to_hold_out = 200
     config.image_size_from_photos = True
     config.batch_size = 32
     config.learning_rate = 3e-3
