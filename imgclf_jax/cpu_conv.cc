@@ -747,31 +747,24 @@ void OutputTransform(const float* m, const Geometry& g, const WinogradShape<W>& 
   }
 }
 
-// e[xi][t][o] = (A dY A^T)[xi] for tile `first + t`'s MxM output gradients of image `image` (zero beyond the
-// image's edge); output channels padded to op with zeros. A pooled gradient is expanded one tile at a time
-// into `tile` (M*M*o floats), which stays in L1, rather than a whole image at a time.
+// e[xi][t][o] = (A dY A^T)[xi] for tile `first + t`'s MxM output gradients (zero beyond the image's edge);
+// output channels padded to op with zeros.
 template <typename W>
-void OutputGradTransform(const ImageSource& dy, int64_t image, const Geometry& g, const WinogradShape<W>& s,
-                         int64_t first, int64_t count, float* tile, float* e) {
+void OutputGradTransform(const float* dy_image, const Geometry& g, const WinogradShape<W>& s, int64_t first,
+                         int64_t count, float* e) {
   constexpr int kA = W::kAlpha, kM = W::kM;
   const int64_t op = g.op(), plane = count * op;
   for (int64_t t = 0; t < count; ++t) {
     const int64_t ty = (first + t) / s.tw, tx = (first + t) % s.tw;
     const int rows = static_cast<int>(std::min<int64_t>(kM, g.ho - kM * ty));
     const int cols = static_cast<int>(std::min<int64_t>(kM, g.wo - kM * tx));
-    const float* src = dy.data + ((image * g.ho + kM * ty) * g.wo + kM * tx) * g.o;
-    int64_t row_step = g.wo * g.o;
-    if (dy.choice != nullptr) {
-      for (int r = 0; r < rows; ++r) dy.Row(image, kM * ty + r, kM * tx, kM * tx + cols, tile + r * kM * g.o, g.o);
-      src = tile;
-      row_step = kM * g.o;
-    }
+    const float* src = dy_image + (kM * ty * g.wo + kM * tx) * g.o;
     float* out = e + t * op;
     ForChannels(g.o, [&](int64_t o, auto zero) {
       using T = decltype(zero);
       T d[kM][kM], ad[kA][kM], col[kM], res[kA];
       for (int r = 0; r < kM; ++r)
-        for (int q = 0; q < kM; ++q) d[r][q] = r < rows && q < cols ? Load<T>(src + r * row_step + q * g.o + o) : zero;
+        for (int q = 0; q < kM; ++q) d[r][q] = r < rows && q < cols ? Load<T>(src + (r * g.wo + q) * g.o + o) : zero;
       for (int q = 0; q < kM; ++q) {  // A d: each column.
         for (int r = 0; r < kM; ++r) col[r] = d[r][q];
         W::OutputGrad(col, res);
@@ -843,7 +836,7 @@ void WinogradWeightGrad(ffi::ThreadPool& pool, const ImageSource& x, const Image
   ParallelChunks(pool, items, chunk, threads, [&](int, auto& next) {
     std::vector<float> buf(g.hp * g.wp * c), v(kP * per_block * c), e(kP * per_block * op);
     std::vector<int64_t> v_offsets(per_block), e_offsets(per_block);
-    std::vector<float> dy_tile(dy.choice != nullptr ? W::kM * W::kM * g.o : 0);
+    std::vector<float> dy_expanded(dy.choice != nullptr ? g.ho * g.wo * g.o : 0);
     int64_t padded_image = -1, begin, end;
     while (next(&begin, &end)) {
       std::vector<float>& total = partial[begin / chunk];
@@ -851,12 +844,16 @@ void WinogradWeightGrad(ffi::ThreadPool& pool, const ImageSource& x, const Image
       for (int64_t item = begin; item < end; ++item) {
         const int64_t image = item / s.blocks, first = (item % s.blocks) * per_block;
         const int64_t count = std::min(per_block, s.tiles - first);
+        const float* dy_image = dy.data + image * g.ho * g.wo * g.o;
         if (image != padded_image) {
           PadImage(x, g, image, buf.data());
+          if (dy.choice != nullptr)
+            for (int64_t oy = 0; oy < g.ho; ++oy) dy.Row(image, oy, 0, g.wo, &dy_expanded[oy * g.wo * g.o], g.o);
           padded_image = image;
         }
+        if (dy.choice != nullptr) dy_image = dy_expanded.data();
         InputTransform<W>(buf.data(), g, s, first, count, v.data());
-        OutputGradTransform<W>(dy, image, g, s, first, count, dy_tile.data(), e.data());
+        OutputGradTransform<W>(dy_image, g, s, first, count, e.data());
         for (int64_t t = 0; t < count; ++t) {
           v_offsets[t] = t * c;
           e_offsets[t] = t * op;
