@@ -67,6 +67,8 @@ def _write_report(workdir: str, scores: Optional[report.ValidationScores] = None
         return
     try:
         log.info("Report: %s", report.build_report(workdir, scores=scores))
+    except UserError as e:  # Nothing to score: a run without validation on a folder without test/.
+        log.warning("No run report: %s.", e)
     except Exception as e:  # noqa: BLE001 - the checkpoints and metrics are already safe.
         log.warning("Could not write the run report (%s: %s); try `python -m imgclf_jax.report %s`.",
                     type(e).__name__, e, workdir)

@@ -277,9 +277,8 @@ def _prepare(config: ml_collections.ConfigDict) -> _Run:
 
 
 def _fresh_state(config: ml_collections.ConfigDict, run: _Run) -> TrainState:
-    return create_train_state(run.model, config.image_size,
-                              run.optimizer(config)[1],
-                              config.seed, run.mesh, ema=config.ema_decay > 0)
+    return create_train_state(run.model, config.image_size, run.optimizer(config)[1], config.seed, run.mesh,
+                              ema=config.ema_decay > 0)
 
 
 def _resume(state: TrainState, restored: tuple[Any, dict, int], config_changes: list[str],

@@ -333,6 +333,18 @@ def test_a_run_without_validation_keeps_its_last_epoch_and_reports_on_test_photo
 
 
 @pytest.mark.slow
+def test_a_run_without_validation_or_test_photos_says_why_it_has_no_report(tiny_config, two_class_dir, tmp_path,
+                                                                            caplog):
+    flat = two_class_dir / "train"  # Class folders alone: nothing but the training photos.
+    tiny_config.update(data_dir=str(flat), epochs=1, report=True, validation_split=0.0)
+    caplog.set_level("INFO")
+    records = train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+    assert len(records) == 1 and "val_accuracy" not in records[0]
+    assert "No run report:" in caplog.text and "neither a validation nor a test split" in caplog.text
+    assert not (tmp_path / "w" / "report.html").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("field, value, message", [
     ("epochs", 0, "epochs must be a positive"),
     ("batch_size", -4, "batch_size must be a positive"),
