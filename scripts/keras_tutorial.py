@@ -57,7 +57,11 @@ def main(argv=None) -> None:
     parser.add_argument("--image_size", type=int, default=180)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--augment", action="store_true", help="the tutorial's augmentation + dropout recipe")
+    parser.add_argument("--seed", type=int, help="seeds the weights and shuffling too (the tutorial seeds only "
+                        "its split, so each run is another draw)")
     args = parser.parse_args(argv)
+    if args.seed is not None:
+        keras.utils.set_random_seed(args.seed)
     start = time.perf_counter()
     size = (args.image_size, args.image_size)
     load = lambda split, **kw: keras.utils.image_dataset_from_directory(  # noqa: E731

@@ -12,7 +12,9 @@ and reads its test accuracy. It prints one markdown table (folder, classes, phot
 tutorial's, the difference, minutes of each whole command) and writes it to OUT/table.md with the host's CPU
 beside it. A `held_out:` prefix marks a folder that played no part in choosing the recipe: its rows are
 listed apart, so they can judge the recipe honestly. `--keras_cache` reuses earlier Keras scores of the same
-folder and split (they depend on the folder alone).
+folder and split (they depend on the folder alone). The tutorial seeds its split but not its weights, so one
+run of it is one draw (0.03-0.06 apart over three runs of one folder, docs/accuracy.md series 37):
+`--keras_seeds N` scores the mean of N seeded runs instead, with their range.
 """
 
 from __future__ import annotations
@@ -64,18 +66,33 @@ def our_score(name: str, folder: Path, config: str, out: Path, overrides: list[s
     return report["accuracy"], minutes
 
 
-def keras_score(name: str, folder: Path, out: Path, cache: dict) -> tuple[float, float]:
-    """(test accuracy, minutes) of the Keras tutorial's augmented recipe, 15 epochs, on `folder`."""
-    key = str(folder.resolve())
+def keras_score(name: str, folder: Path, out: Path, cache: dict, seed: Optional[int] = None) -> tuple[float, float]:
+    """(test accuracy, minutes) of the Keras tutorial's augmented recipe, 15 epochs, on `folder`, with its
+    weights seeded by `seed` (None: unseeded, as the tutorial itself)."""
+    key = str(folder.resolve()) + ("" if seed is None else f"#seed={seed}")
     if key in cache:
         return cache[key]["accuracy"], cache[key]["minutes"]
+    log = out / f"keras_{name}{'' if seed is None else f'_seed{seed}'}.log"
     output, minutes = run([sys.executable, "scripts/keras_tutorial.py", "--data_dir", str(folder), "--augment",
-                           "--epochs", "15"], out / f"keras_{name}.log")
+                           "--epochs", "15"] + ([] if seed is None else ["--seed", str(seed)]), log)
     found = re.search(r"test accuracy ([0-9.]+)", output)
     if not found:
-        raise SystemExit(f"no test accuracy in {out / f'keras_{name}.log'}")
+        raise SystemExit(f"no test accuracy in {log}")
     cache[key] = {"accuracy": float(found.group(1)), "minutes": minutes}
     return cache[key]["accuracy"], minutes
+
+
+def keras_scores(name: str, folder: Path, out: Path, cache: dict, seeds: int) -> tuple[list[float], float]:
+    """The Keras tutorial's test accuracies on `folder` (one unseeded run, or one run for each of seeds
+    0..seeds-1: its score varies by a few hundredths from draw to draw) and the minutes of one run on average."""
+    runs = [keras_score(name, folder, out, cache, seed) for seed in (range(seeds) if seeds else [None])]
+    return [accuracy for accuracy, _ in runs], sum(minutes for _, minutes in runs) / len(runs)
+
+
+def keras_cell(accuracies: list[float]) -> str:
+    """One Keras score, or the mean of several with their range."""
+    mean = sum(accuracies) / len(accuracies)
+    return f"{mean:.3f}" if len(accuracies) == 1 else f"{mean:.3f} ({min(accuracies):.3f}-{max(accuracies):.3f})"
 
 
 def _cpuinfo_field(name: str) -> str:
@@ -104,6 +121,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--out", required=True, help="a new folder for the runs, logs and the table")
     parser.add_argument("--no_keras", action="store_true", help="leave the Keras column out")
     parser.add_argument("--keras_cache", help="a JSON file of Keras scores to reuse and extend")
+    parser.add_argument("--keras_seeds", type=int, default=0,
+                        help="N > 0: the Keras column is the mean of N runs with seeds 0..N-1 (0: one unseeded run)")
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
     bad = [item for item in args.folders if "=" not in item or item.startswith("-")]
@@ -128,13 +147,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise SystemExit(f"{folder} needs train/ and test/ folders")
         train, test = count_photos(folder / "train"), count_photos(folder / "test")
         ours, our_minutes = our_score(name, folder, args.config, out, overrides)
-        theirs, their_minutes = (None, None) if args.no_keras else keras_score(name, folder, out, cache)
+        theirs, their_minutes = ([], None) if args.no_keras else keras_scores(name, folder, out, cache,
+                                                                                args.keras_seeds)
         cache_path.write_text(json.dumps(cache, indent=2))
         rows.append((held_out, name, len(train), sum(train.values()), sum(test.values()), ours, theirs,
                      our_minutes, their_minutes))
         print(f"{name}: ours {ours:.3f} in {our_minutes:.1f} min"
-              + (f", Keras tutorial {theirs:.3f} in {their_minutes:.1f} min" if theirs is not None else ""),
-              flush=True)
+              + (f", Keras tutorial {keras_cell(theirs)} in {their_minutes:.1f} min" if theirs else ""), flush=True)
 
     lines = [f"Recipe `{args.config}`{' ' + ' '.join(overrides) if overrides else ''} on {host()}, "
              f"{time.strftime('%Y-%m-%d')}.", "",
@@ -144,8 +163,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         for row in (r for r in rows if r[0] == held_out):
             _, name, classes, n_train, n_test, ours, theirs, our_min, their_min = row
             cells = [f"{name}{' (held out)' if held_out else ''}", str(classes), str(n_train), str(n_test),
-                     f"{ours:.3f}", "-" if theirs is None else f"{theirs:.3f}",
-                     "-" if theirs is None else f"{ours - theirs:+.3f}", f"{our_min:.1f}",
+                     f"{ours:.3f}", keras_cell(theirs) if theirs else "-",
+                     f"{ours - sum(theirs) / len(theirs):+.3f}" if theirs else "-", f"{our_min:.1f}",
                      "-" if their_min is None else f"{their_min:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
