@@ -125,6 +125,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="N > 0: the Keras column is the mean of N runs with seeds 0..N-1 (0: one unseeded run)")
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
+    if args.keras_seeds < 0:
+        parser.error(f"--keras_seeds must be 0 or more (got {args.keras_seeds})")
     bad = [item for item in args.folders if "=" not in item or item.startswith("-")]
     if bad:
         parser.error(f"not NAME=FOLDER: {' '.join(bad)} (training flags go after --)")

@@ -25,6 +25,9 @@ def test_a_training_flag_before_the_separator_is_refused(capsys):
     with pytest.raises(SystemExit):
         recipe_suite.parse_args(["--out", "o", "a=/x", "not-a-folder"])
     assert "NAME=FOLDER" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipe_suite.parse_args(["--out", "o", "--keras_seeds", "-1", "a=/x"])
+    assert "--keras_seeds must be 0 or more" in capsys.readouterr().err
 
 
 def test_keras_seeds_run_the_tutorial_once_a_seed_and_the_table_shows_their_mean_and_range(tmp_path, monkeypatch):
