@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
         # TrivialAugment: one random op (shear, translate, rotate, colour, posterize, ...) per image, after
         # the crop and flip (imgclf_jax.augmentation.trivial_augment).
         trivial_augment=False,
+        # > 0: TrivialAugment only where the training photos are at most this many a class on average; with
+        # more, they regularise enough by themselves, and the op's time buys epochs instead.
+        trivial_augment_max_photos_per_class=0,
     ))
 
     # MixUp / CutMix on whole batches in the train step (imgclf_jax/mixing.py); alpha 0 = off. With both
@@ -122,8 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
     # images, compiling, training, validating, the report). Before training, the images are decoded, the train
     # step is timed at each training image size and a validation pass as a whole, and the run trains the most
     # epochs that fit, with `epochs` the most it may train (with progressive resizing, a multiple of the
-    # stages). After epoch 4 the plan is checked against the pace of epochs 2-4 and cut if the rest would
-    # not fit at that pace (never lengthened); with progressive resizing the last stage is checked again
+    # stages). After epoch 4 (later for epochs of under a few seconds: time_budget.MIN_PACED_SECONDS) the plan
+    # is checked against the pace of the epochs from the second on and cut if the rest would not fit at that
+    # pace (never lengthened); with progressive resizing the last stage is checked again
     # before it starts, against the pace of the stage before it, and shortened if it would not fit, or
     # lengthened (up to `epochs`) if more time is left than it needs. A resumed run keeps its plan. The plan
     # is an estimate: a machine that slows down during the last stage makes it late.
@@ -178,6 +182,24 @@ def image_size_for_photos(config: ml_collections.ConfigDict, median_short_side: 
     if not config.image_size_from_photos or not median_short_side or median_short_side >= config.image_size:
         return config.image_size
     return min(config.image_size, max(MIN_PHOTO_IMAGE_SIZE, median_short_side // 8 * 8))
+
+
+def adapt_to_photos(config: ml_collections.ConfigDict, median_short_side: int, photos_per_class: float) -> list[str]:
+    """Sets what the config adapts to its training photos (image_size_from_photos,
+    augment.trivial_augment_max_photos_per_class), so the rest of the run and its saved config see what
+    trains; returns a line for the log for each change."""
+    changes = []
+    size = image_size_for_photos(config, median_short_side)
+    if size != config.image_size:
+        changes.append(f"Image size: {size} px, the training photos' median shorter side ({median_short_side} px), "
+                       f"instead of {config.image_size} (image_size_from_photos).")
+        config.image_size = size
+    limit = config.augment.trivial_augment_max_photos_per_class
+    if config.augment.trivial_augment and limit and photos_per_class > limit:
+        changes.append(f"TrivialAugment off: {photos_per_class:.0f} training photos a class, more than "
+                       f"augment.trivial_augment_max_photos_per_class ({limit}).")
+        config.augment.trivial_augment = False
+    return changes
 
 
 def pools_globally(config: ml_collections.ConfigDict) -> bool:
@@ -241,6 +263,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if isinstance(config.min_photos_per_class_to_hold_out, bool) or config.min_photos_per_class_to_hold_out < 0:
         raise UserError("min_photos_per_class_to_hold_out must be a non-negative whole number (got "
                         f"{config.min_photos_per_class_to_hold_out!r})")
+    limit = config.augment.trivial_augment_max_photos_per_class
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise UserError(f"augment.trivial_augment_max_photos_per_class must be a non-negative whole number (got "
+                        f"{limit!r})")
     if not 0.0 <= config.early_stopping_share < 1.0:
         raise UserError(f"early_stopping_share must be in [0, 1) (got {config.early_stopping_share!r})")
     if config.optimizer not in ("adam", "sgd"):

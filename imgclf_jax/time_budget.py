@@ -6,7 +6,8 @@ measured cost of each part of the run, then checked against the pace of real epo
     budget.epoch_started(epoch)                    # at the start of each epoch
     plan = budget.after_epoch(config, epoch)       # after it: None keeps the plan, else (epochs, stage_epochs)
 
-After epoch 4 the plan is checked against the pace of epochs 2-4 and cut if the rest would not fit; with
+After epoch 4 (or later, until the epochs since the first have lasted MIN_PACED_SECONDS) the plan is checked
+against the pace of the epochs from the second on and cut if the rest would not fit; with
 progressive resizing the last stage is checked again before it starts, against the pace of the stage before
 it, and shortened or lengthened (up to the config's epochs). The clock is a constructor argument, so tests
 drive it with a fake one.
@@ -30,12 +31,16 @@ log = logging.getLogger(__name__)
 RESERVE_S = 15.0
 # The estimate is stretched by this much before it has to fit, as the loop costs a little more than its steps.
 _BUDGET_SAFETY = 1.05
-# The share of epochs 2-4's lag behind their timing that the first pace check counts when the last stage is
-# checked again. Epochs 2-4 say little of the later ones (docs/accuracy.md): on nine cats-vs-dogs runs alone
+# The share of the first paced epochs' lag behind their timing that the first pace check counts when the last
+# stage is checked again. Epochs 2-4 say little of the later ones (docs/accuracy.md): on nine cats-vs-dogs runs alone
 # they lagged by 5-31% and all later epochs by 0.1-2.3 times as much (e108: 31%, then 4%; e110: 6%, then 14%).
 # So the first check cuts only for half of what it sees, and the check before the last stage, on the pace of
 # the stage before it, fits the last stage to the time that is really left.
 EARLY_LAG_SHARE = 0.5
+# The first pace check reads at least this many seconds of epochs (by their timing), not only epochs 2-4: a
+# small folder's epochs last a second or less, and a second of other work on the machine then looks like a
+# slowdown of 50% or more that would cut its plan (docs/accuracy.md, series 38).
+MIN_PACED_SECONDS = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +139,17 @@ def fit_last_stage(config: ml_collections.ConfigDict, seconds_left: float, pace:
     return next((epochs for epochs in range(most, first, -1) if rest(epochs) <= seconds_left), first)
 
 
+def paced_epochs(config: ml_collections.ConfigDict, costs: Costs) -> Optional[range]:
+    """The epochs whose pace the first check reads (None if the plan is too short for one): from the second
+    (the first compiles its step), while the learning rate is still near its peak, at least three of them and
+    at least MIN_PACED_SECONDS of their estimate, inside the first progressive stage, and not the last epoch."""
+    last = 4
+    while (last + 1 < config.epochs and progressive_stage(config, last + 1) == progressive_stage(config, 2)
+           and costs.estimate(config, config.epochs, 2, last) < MIN_PACED_SECONDS):
+        last += 1
+    return range(2, last + 1) if config.epochs > last else None
+
+
 class TimeBudget:
     """Plans a run's epochs to fit `minutes` of the whole command started at `run_start` (on `clock`), then
     keeps or re-plans them after each epoch (see the module's docstring)."""
@@ -166,8 +182,7 @@ class TimeBudget:
             log.warning("The time budget of %.1f min is too short for even %d epoch(s) of this recipe; training %d.",
                         self.minutes, epochs, epochs)
         planned = planned_for(config, epochs)
-        # Epochs 2-4 set the pace (the first compiles its step), while the learning rate is still near its peak.
-        self._paced = range(2, 5) if epochs > 4 else None
+        self._paced = paced_epochs(planned, costs)
         self._checks_last_stage = (last_stage_start(planned) is not None and not planned.progressive.stage_epochs
                                    and epochs % planned.progressive.stages == 0)
         return epochs

@@ -228,22 +228,19 @@ def _stops_early(config: ml_collections.ConfigDict, record: dict[str, Any], epoc
 
 
 def _prepare(config: ml_collections.ConfigDict) -> _Run:
-    """Opens the data and builds the model and its jitted steps (nothing is written). Sets config.image_size
-    to the photos' size where image_size_from_photos asks for it, so the rest of the run sees the size trained."""
+    """Opens the data and builds the model and its jitted steps (nothing is written). Adapts the config to the
+    training photos first (`config_lib.adapt_to_photos`), so the rest of the run sees what trains."""
     mesh = parallel.create_mesh()
     parallel.check_batch_size("batch_size", config.batch_size, mesh.devices.size)
     source = input_pipeline.load_source(config)
-    photo_size = config_lib.image_size_for_photos(config, source.splits["train"].median_short_side)
-    if photo_size != config.image_size:
-        log.info("Image size: %d px, the training photos' median shorter side (%d px), instead of %d "
-                 "(image_size_from_photos).", photo_size, source.splits["train"].median_short_side,
-                 config.image_size)
-        config.image_size = photo_size
+    train_split, val_split = source.splits["train"], source.splits.get("validation")
+    for change in config_lib.adapt_to_photos(config, train_split.median_short_side,
+                                             train_split.num_examples / len(source.class_names)):
+        log.info("%s", change)
     if config.strict and source.skipped:
         listed = "; ".join(f"{p}: {reason}" for p, reason in source.skipped[:5])
         more = f" (and {len(source.skipped) - 5} more)" if len(source.skipped) > 5 else ""
         raise UserError(f"{len(source.skipped)} unusable file(s) and --strict is set: {listed}{more}")
-    train_split, val_split = source.splits["train"], source.splits.get("validation")
     if train_split.num_examples < config.batch_size:
         raise UserError(f"batch_size {config.batch_size} is larger than the training set ({train_split.num_examples} "
                         "images); lower --batch_size")

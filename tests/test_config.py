@@ -149,3 +149,25 @@ def test_image_size_follows_photos_smaller_than_it(median_side, expected):
     assert config_lib.image_size_for_photos(config, median_side) == expected
     config.image_size_from_photos = False
     assert config_lib.image_size_for_photos(config, median_side) == 160
+
+
+@pytest.mark.parametrize("limit, photos_per_class, kept", [
+    (0, 5000.0, True),  # No limit.
+    (500, 500.0, True),  # At the limit: still on.
+    (500, 553.4, False),  # More photos a class: off.
+])
+def test_trivial_augment_is_left_out_above_the_photos_a_class_limit(limit, photos_per_class, kept):
+    config = config_lib.base_config()
+    config.augment.trivial_augment, config.augment.trivial_augment_max_photos_per_class = True, limit
+    changes = config_lib.adapt_to_photos(config, 0, photos_per_class)
+    assert config.augment.trivial_augment is kept
+    assert changes == ([] if kept else ["TrivialAugment off: 553 training photos a class, more than "
+                                        "augment.trivial_augment_max_photos_per_class (500)."])
+
+
+def test_adapting_to_photos_changes_nothing_the_config_does_not_ask_for():
+    config = config_lib.base_config()
+    config.image_size = 160
+    before = config.to_dict()
+    assert config_lib.adapt_to_photos(config, 20, 10_000.0) == []  # Neither option is on.
+    assert config.to_dict() == before

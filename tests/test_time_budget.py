@@ -163,3 +163,39 @@ def test_a_stage_on_time_lengthens_the_last_stage_back_up_to_the_config(tiny_con
     epoch, (epochs, stage_epochs) = _run_epochs(budget, config, clock, 5, cut, seconds_each=10.0)
     assert epoch == 3 * cut // 4 and cut < epochs <= 16 and stage_epochs == cut // 4
     assert "the last stage lengthened" in caplog.text
+
+
+def test_short_epochs_are_paced_over_enough_seconds_to_mean_something(tiny_config):
+    config = _two_stage_config(tiny_config, epochs=40)  # 20 epochs at 8 px, then 20 at 16.
+    # Epochs of 10 s: epochs 2-4 (30 s) are enough.
+    assert time_budget.paced_epochs(config, _costs(step=1.0)) == range(2, 5)
+    # Epochs of 0.5 s: 2-21 would make the 10 s, but the pace is read inside the first stage (2-20).
+    assert time_budget.paced_epochs(config, _costs(step=0.05)) == range(2, 21)
+    # Epochs of 2 s: 2-6.
+    assert time_budget.paced_epochs(config, _costs(step=0.2)) == range(2, 7)
+    config.epochs = 4  # Too short a plan for a check.
+    assert time_budget.paced_epochs(config, _costs()) is None
+
+
+def _run_with_a_blip(config, clock):
+    """A 1-minute budget for 40 epochs of 0.5 s at 8 px and 1 s at 16 px (30 s x 1.05 fits in the 45 s left),
+    whose epoch 2 takes 2 s longer than timed (as a second of other work on the machine does); the re-plan."""
+    budget = time_budget.TimeBudget(minutes=1, run_start=0.0, clock=clock)
+    config.epochs = budget.plan(config, _costs(step=0.05))
+    assert config.epochs == 40
+    durations = [0.5, 2.5] + [0.5] * 18 + [1.0] * 20
+    for epoch, seconds in enumerate(durations, start=1):
+        budget.epoch_started(epoch)
+        clock.now += seconds
+        plan = budget.after_epoch(config, epoch)
+        if plan:
+            return epoch, plan
+    return None
+
+
+def test_a_blip_in_a_small_folders_first_epochs_does_not_cut_its_plan(tiny_config, monkeypatch):
+    # Over the paced epochs 2-20 (11.5 s against 9.5 timed) the blip is a 1.2x pace, and the plan fits.
+    assert _run_with_a_blip(_two_stage_config(tiny_config, epochs=40), FakeClock()) is None
+    # Read over epochs 2-4 alone it would be a 2.3x pace, and cut the plan.
+    monkeypatch.setattr(time_budget, "MIN_PACED_SECONDS", 0.0)
+    assert _run_with_a_blip(_two_stage_config(tiny_config, epochs=40), FakeClock())[0] == 4

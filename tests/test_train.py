@@ -363,6 +363,8 @@ def test_a_run_without_validation_or_test_photos_says_why_it_has_no_report(tiny_
     ("validate_every", 0, "validate_every must be a positive"),
     ("validation_split", 1.0, r"validation_split must be in \[0, 1\)"),
     ("min_photos_per_class_to_hold_out", -1, "min_photos_per_class_to_hold_out must be a non-negative"),
+    ("augment.trivial_augment_max_photos_per_class", -5,
+     "augment.trivial_augment_max_photos_per_class must be a non-negative"),
     ("optimizer", "lamb", "optimizer must be 'adam' or 'sgd'"),
     ("momentum", 1.0, r"momentum must be in \[0, 1\)"),
     ("progressive.start_scale", 1.5, r"progressive.start_scale must be in \[0, 1\]"),
@@ -713,13 +715,17 @@ def test_a_budget_growing_with_the_data_is_stated_and_epochs_on_the_command_line
 
 
 @pytest.mark.slow
-def test_photos_smaller_than_the_image_size_set_the_size(tiny_config, two_class_dir, tmp_path, caplog):
-    # The generated photos are 24x20: below the floor of 64 px, so the run trains at 64 instead of 96.
+def test_the_run_adapts_to_its_photos_and_keeps_what_trained(tiny_config, two_class_dir, tmp_path, caplog):
+    # The generated photos are 24x20: below the floor of 64 px, so the run trains at 64 instead of 96; and 24
+    # photos a class are more than the TrivialAugment limit of 20 set here.
     tiny_config.update(data_dir=str(two_class_dir), image_size=96, image_size_from_photos=True, epochs=1)
+    tiny_config.augment.update(enabled=True, trivial_augment=True, trivial_augment_max_photos_per_class=20)
     caplog.set_level("INFO")
     train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
-    assert json.loads((tmp_path / "w" / "config.json").read_text())["image_size"] == 64
+    saved = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert (saved["image_size"], saved["augment"]["trivial_augment"]) == (64, False)
     assert "Image size: 64 px, the training photos' median shorter side (20 px), instead of 96" in caplog.text
+    assert "TrivialAugment off: 24 training photos a class, more than" in caplog.text
     assert inference.load_run(str(tmp_path / "w")).config.image_size == 64
 
 
