@@ -31,15 +31,15 @@ log = logging.getLogger(__name__)
 RESERVE_S = 15.0
 # The estimate is stretched by this much before it has to fit, as the loop costs a little more than its steps.
 _BUDGET_SAFETY = 1.05
-# The share of the first paced epochs' lag behind their timing that the first pace check counts when the last
-# stage is checked again. Epochs 2-4 say little of the later ones (docs/accuracy.md): on nine cats-vs-dogs runs alone
+# The share of the paced epochs' lag behind their timing that the first pace check counts when the last stage
+# is checked again. Epochs 2-4 say little of the later ones (docs/accuracy.md): on nine cats-vs-dogs runs alone
 # they lagged by 5-31% and all later epochs by 0.1-2.3 times as much (e108: 31%, then 4%; e110: 6%, then 14%).
 # So the first check cuts only for half of what it sees, and the check before the last stage, on the pace of
 # the stage before it, fits the last stage to the time that is really left.
 EARLY_LAG_SHARE = 0.5
 # The first pace check reads at least this many seconds of epochs (by their timing), not only epochs 2-4: a
-# small folder's epochs last a second or less, and a second of other work on the machine then looks like a
-# slowdown of 50% or more that would cut its plan (docs/accuracy.md, series 38).
+# small folder's epochs last a second or less, and a second more, from other work on the machine or from the
+# run itself, then looks like a slowdown of 50% or more that cuts its plan (docs/accuracy.md, series 38).
 MIN_PACED_SECONDS = 10.0
 
 

@@ -107,9 +107,14 @@ def _costs(step=1.0):
 
 def _run_epochs(budget, config, clock, first, last, seconds_each):
     """Epochs first..last, each taking `seconds_each` on the clock; the first re-plan after one, or None."""
-    for epoch in range(first, last + 1):
+    return _run_timed_epochs(budget, config, clock, first, [seconds_each] * (last - first + 1))
+
+
+def _run_timed_epochs(budget, config, clock, first, durations):
+    """Epochs from `first` on, taking `durations` seconds on the clock; the first re-plan after one, or None."""
+    for epoch, seconds in enumerate(durations, start=first):
         budget.epoch_started(epoch)
-        clock.now += seconds_each
+        clock.now += seconds
         plan = budget.after_epoch(config, epoch)
         if plan:
             return epoch, plan
@@ -179,18 +184,11 @@ def test_short_epochs_are_paced_over_enough_seconds_to_mean_something(tiny_confi
 
 def _run_with_a_blip(config, clock):
     """A 1-minute budget for 40 epochs of 0.5 s at 8 px and 1 s at 16 px (30 s x 1.05 fits in the 45 s left),
-    whose epoch 2 takes 2 s longer than timed (as a second of other work on the machine does); the re-plan."""
+    whose epoch 2 takes 2 s longer than timed; the first re-plan, or None."""
     budget = time_budget.TimeBudget(minutes=1, run_start=0.0, clock=clock)
     config.epochs = budget.plan(config, _costs(step=0.05))
     assert config.epochs == 40
-    durations = [0.5, 2.5] + [0.5] * 18 + [1.0] * 20
-    for epoch, seconds in enumerate(durations, start=1):
-        budget.epoch_started(epoch)
-        clock.now += seconds
-        plan = budget.after_epoch(config, epoch)
-        if plan:
-            return epoch, plan
-    return None
+    return _run_timed_epochs(budget, config, clock, 1, [0.5, 2.5] + [0.5] * 18 + [1.0] * 20)
 
 
 def test_a_blip_in_a_small_folders_first_epochs_does_not_cut_its_plan(tiny_config, monkeypatch):
