@@ -116,8 +116,10 @@ def test_checkpoints_are_saved_when_an_epoch_may_be_the_best_when_due_and_at_the
 def _train_slower_than_timed(tiny_config, two_class_dir, tmp_path, caplog, monkeypatch):
     """Trains at most 12 epochs in two progressive stages within a minute, the train step timed at a
     microsecond: the budget plans all 12, which epochs 2-4 show cannot fit. Returns the records and the work
-    directory."""
+    directory. The first check reads epochs 2-4 alone (time_budget.MIN_PACED_SECONDS off: its window is
+    tested in test_time_budget.py), as it does for epochs of seconds."""
     monkeypatch.setattr(trainer, "time_call", lambda call, state, batch, calls, clock=None: (state, 1e-6))
+    monkeypatch.setattr(time_budget, "MIN_PACED_SECONDS", 0.0)
     tiny_config.update(data_dir=str(two_class_dir), epochs=12, time_budget_minutes=1.0, validate_every=100,
                        lr_schedule="cosine", warmup_epochs=1.0)
     tiny_config.cnn.global_pool = True
