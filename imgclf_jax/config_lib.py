@@ -260,13 +260,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= config.validation_split < 1.0:
         raise UserError(f"validation_split must be in [0, 1) (0: every photo trains, without validation; got "
                         f"{config.validation_split!r})")
-    if isinstance(config.min_photos_per_class_to_hold_out, bool) or config.min_photos_per_class_to_hold_out < 0:
-        raise UserError("min_photos_per_class_to_hold_out must be a non-negative whole number (got "
-                        f"{config.min_photos_per_class_to_hold_out!r})")
-    limit = config.augment.trivial_augment_max_photos_per_class
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise UserError(f"augment.trivial_augment_max_photos_per_class must be a non-negative whole number (got "
-                        f"{limit!r})")
+    for field in ("min_photos_per_class_to_hold_out", "augment.trivial_augment_max_photos_per_class"):
+        value = _field(config, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{field} must be a non-negative whole number (got {value!r})")
     if not 0.0 <= config.early_stopping_share < 1.0:
         raise UserError(f"early_stopping_share must be in [0, 1) (got {config.early_stopping_share!r})")
     if config.optimizer not in ("adam", "sgd"):
