@@ -22,6 +22,7 @@ TTA_MODES = ("none", "flip", "flip_scale")  # Test-time augmentations: imgclf_ja
 
 # The ResNet's nonlinearities by name (`resnet.activation`); models.ACTIVATIONS maps each to its function.
 RESNET_ACTIVATIONS = ("relu", "silu")
+KEPT_EPOCHS = ("best", "last")  # config.keep_epoch: which epoch a run keeps as its result.
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -139,7 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: stop early once this share of the planned epochs (at least 5) has passed since validation last
     # improved (a higher accuracy, or as high with a lower loss): the run has stopped learning anything the
     # validation photos can see. With progressive resizing, not before the last stage, where the learning rate
-    # comes down. The best checkpoint stays what evaluate and predict use.
+    # comes down. The epoch keep_epoch names stays what evaluate and predict use.
     c.early_stopping_share = 0.0
     # A checkpoint is saved after an epoch once this many minutes have passed since the last one (0: after
     # every epoch), after every validated epoch that may be the best (its accuracy at least that of the
@@ -148,6 +149,12 @@ def base_config() -> ml_collections.ConfigDict:
     # from a 3-8 s cats-vs-dogs epoch on a 2-core CPU).
     c.checkpoint_every_minutes = 1.0
     c.checkpoints_to_keep = 2  # Latest checkpoints kept, besides the best by validation accuracy.
+    # The epoch a run keeps as its result, which evaluate, predict, export and the report use unless
+    # --checkpoint names another: 'best', the highest validation accuracy, or 'last', the end of the run, where
+    # the learning rate has come down (after early stopping too) and the weight average has settled. On a
+    # validation set of a few dozen photos a class the best epoch is partly chance, can be an early one, and
+    # its validation accuracy flatters it; the last epoch's is a fair estimate.
+    c.keep_epoch = "best"
     # Test-time augmentation that evaluate and predict use unless --tta says otherwise: 'none', 'flip' (the
     # photo and its mirror image, averaged) or 'flip_scale' (those and both again at 1.1x the size; needs a
     # model that pools globally). Validation during training always scores the plain photo, so a run's
@@ -302,6 +309,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"tta '{config.tta}' averages each photo with its mirror image, but this config trains "
                         "without flips (augment.enabled and augment.flip), so the model never learned that a "
                         "mirrored photo is the same class: set --config.tta=none, or train with flips")
+    if config.keep_epoch not in KEPT_EPOCHS:
+        raise UserError(f"keep_epoch must be one of {', '.join(KEPT_EPOCHS)} (got {config.keep_epoch!r})")
     if not 0.0 <= config.ema_decay < 1.0:
         raise UserError(f"ema_decay must be in [0, 1) (got {config.ema_decay!r})")
     if config.warmup_epochs < 0:

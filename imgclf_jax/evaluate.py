@@ -1,7 +1,7 @@
 """Evaluation: score a checkpoint of a trained run on a split and write a report.
 
     python -m imgclf_jax.evaluate --workdir W [--data_dir D | --dataset tfds:NAME] [--split S]
-        [--checkpoint best|latest|STEP] [--tta none|flip|flip_scale] [--batch_size N] [--name NAME]
+        [--checkpoint kept|best|latest|STEP] [--tta none|flip|flip_scale] [--batch_size N] [--name NAME]
 
 Writes W/eval_<name>.json (accuracy, loss, per-class precision/recall/F1/support, confusion matrix, ROC-AUC
 for two classes, top-5 accuracy for more than five) and W/confusion_matrix_<name>.png.
@@ -116,7 +116,7 @@ def evaluate(
     data_dir: Optional[str] = None,
     dataset: Optional[str] = None,
     split: Optional[str] = None,
-    checkpoint: str = "best",
+    checkpoint: str = "kept",
     batch_size: int = 64,
     tta: Optional[str] = None,
     name: Optional[str] = None,
@@ -136,7 +136,8 @@ def evaluate(
                         f"of {len(labels)} images (checkpoint step {run.step}); use another --checkpoint")
     report = classification_report(probabilities, labels, run.class_names)
     report.update({
-        "name": name, "data": description, "checkpoint": checkpoint, "step": run.step, "epoch": run.epoch,
+        "name": name, "data": description, "checkpoint": inference.checkpoint_to_restore(run.config, checkpoint),
+        "step": run.step, "epoch": run.epoch,
         "tta": tta, "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
     })
     json_path = os.path.join(workdir, f"eval_{name}.json")
@@ -189,7 +190,7 @@ def _define_flags() -> None:
                         "class sub-folders. Default: the run's own data.")
     flags.DEFINE_string("dataset", None, "'tfds:NAME' to score a TensorFlow Datasets split.")
     flags.DEFINE_string("split", None, "Split to score (default: test, else validation).")
-    flags.DEFINE_string("checkpoint", "best", "'best' (by validation accuracy), 'latest' or a step number.")
+    flags.DEFINE_string("checkpoint", "kept", inference.CHECKPOINT_HELP)
     flags.DEFINE_integer("batch_size", 64, "Evaluation batch size (does not change the results).")
     flags.DEFINE_enum("tta", None, list(config_lib.TTA_MODES), "Test-time augmentation: 'flip' averages each "
                       "image's prediction with its mirror image's, 'flip_scale' also with both at 1.1x the size. "

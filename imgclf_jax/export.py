@@ -1,7 +1,7 @@
 """Export a trained run for use without JAX: a TensorFlow SavedModel, a TensorFlow Lite (LiteRT) file, or an
 ONNX model, each with the run's preprocessing inside and its class names beside it.
 
-    python -m imgclf_jax.export --workdir W --format saved_model|tflite|onnx [--checkpoint best] [--out PATH]
+    python -m imgclf_jax.export --workdir W --format saved_model|tflite|onnx [--checkpoint kept] [--out PATH]
 
 The exported model takes what a user has: uint8 RGB images of the run's training size, (N, S, S, 3) (N = 1 for
 TFLite and ONNX), resized as the run resizes (`resize` in the metadata: 'squash' is the whole photo scaled to
@@ -77,7 +77,7 @@ def metadata(run: inference.TrainedRun, fmt: str) -> dict[str, Any]:
     }
 
 
-def export(workdir: str, fmt: str, checkpoint: str = "best", out: Optional[str] = None,
+def export(workdir: str, fmt: str, checkpoint: str = "kept", out: Optional[str] = None,
            check_images: Optional[np.ndarray] = None) -> ExportResult:
     """Writes the run's model in `fmt` to `out` (default W/export/model.<suffix>) with `<out>.json` beside it,
     then checks it in its runtime against JAX on `check_images` (uint8, default: up to 16 of the run's
@@ -195,7 +195,7 @@ def _define_flags() -> None:
 
     flags.DEFINE_string("workdir", None, "Work directory of a training run.", required=True)
     flags.DEFINE_enum("format", None, list(FORMATS), "saved_model, tflite or onnx.", required=True)
-    flags.DEFINE_string("checkpoint", "best", "'best' (by validation accuracy), 'latest' or a step number.")
+    flags.DEFINE_string("checkpoint", "kept", inference.CHECKPOINT_HELP)
     flags.DEFINE_string("out", None, "Where to write it (default W/export/model[.tflite|.onnx]).")
 
 

@@ -35,8 +35,21 @@ class TrainedRun:
     epoch: int
 
 
-def load_run(workdir: str, checkpoint: Union[str, int] = "best", conv_impl: Optional[str] = None) -> TrainedRun:
-    """Restores the checkpoint `checkpoint` ('best', 'latest' or a step number) of the run in `workdir`;
+# The --checkpoint flag of evaluate, predict, export and report.
+CHECKPOINT_HELP = ("'kept' (the epoch the run keeps as its result: its config's keep_epoch, the best or the last), "
+                   "'best' (by validation accuracy), 'latest' or a step number.")
+
+
+def checkpoint_to_restore(config: ml_collections.ConfigDict, checkpoint: Union[str, int]) -> Union[str, int]:
+    """`checkpoint` with 'kept' resolved to what the run's config keeps: 'best', or 'latest' for the last epoch
+    (the latest checkpoint of a finished run is its last epoch)."""
+    if checkpoint != "kept":
+        return checkpoint
+    return "latest" if config.keep_epoch == "last" else "best"
+
+
+def load_run(workdir: str, checkpoint: Union[str, int] = "kept", conv_impl: Optional[str] = None) -> TrainedRun:
+    """Restores the checkpoint `checkpoint` ('kept', 'best', 'latest' or a step number) of the run in `workdir`;
     `conv_impl` overrides the run's convolution implementation (export uses XLA's, which every runtime has)."""
     config_path = os.path.join(workdir, CONFIG_FILE)
     classes_path = os.path.join(workdir, CLASSES_FILE)
@@ -57,11 +70,13 @@ def load_run(workdir: str, checkpoint: Union[str, int] = "best", conv_impl: Opti
     steps = checkpointer.all_steps()
     if not steps:
         raise UserError(f"no checkpoint in {workdir}: train first (python -m imgclf_jax.train --workdir {workdir})")
+    checkpoint = checkpoint_to_restore(config, checkpoint)
     if checkpoint not in ("best", "latest"):
         try:
             checkpoint = int(checkpoint)
         except ValueError:
-            raise UserError(f"--checkpoint must be 'best', 'latest' or a step number (got {checkpoint!r})") from None
+            raise UserError(f"--checkpoint must be 'kept', 'best', 'latest' or a step number (got {checkpoint!r})"
+                            ) from None
         if checkpoint not in steps:
             raise UserError(f"no checkpoint at step {checkpoint} in {workdir} (steps: {steps})")
     try:

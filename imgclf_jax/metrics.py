@@ -64,6 +64,14 @@ def best_record(records: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
     return max(reversed(validated), key=lambda r: r["val_accuracy"]) if validated else None
 
 
+def kept_record(records: Sequence[dict[str, Any]], keep_epoch: str) -> Optional[dict[str, Any]]:
+    """The record of the epoch a run keeps (config.keep_epoch): the best validated one, or the last one if it
+    was validated (a finished run validates its last epoch); None if there is none."""
+    if keep_epoch == "best":
+        return best_record(records)
+    return records[-1] if records and isinstance(records[-1].get("val_accuracy"), (int, float)) else None
+
+
 class MetricsLog:
     """Appends epoch records durably; on resume it drops records of epochs after the restored one, so an
     epoch is never logged twice."""

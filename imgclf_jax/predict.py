@@ -1,6 +1,6 @@
 """Prediction on new images with a trained run.
 
-    python -m imgclf_jax.predict --workdir W IMAGE_OR_FOLDER... [--top_k K] [--json] [--checkpoint best]
+    python -m imgclf_jax.predict --workdir W IMAGE_OR_FOLDER... [--top_k K] [--json] [--checkpoint kept]
 
 One line per image: path, predicted class and its probability (and the top k for several classes).
 Folders are searched recursively; files that cannot be read are reported on their own line and the rest
@@ -103,7 +103,7 @@ def _define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("workdir", None, "Work directory of a training run.", required=True)
-    flags.DEFINE_string("checkpoint", "best", "'best' (by validation accuracy), 'latest' or a step number.")
+    flags.DEFINE_string("checkpoint", "kept", inference.CHECKPOINT_HELP)
     flags.DEFINE_integer("top_k", None, "Classes listed per image (default: 1 for two classes, else 3).")
     flags.DEFINE_bool("json", False, "One JSON object per line: path, label, probability, top_k.")
     flags.DEFINE_integer("batch_size", 64, "Images per batch.")

@@ -1,6 +1,6 @@
 """Run report: one self-contained HTML page about a trained run, written at the end of training.
 
-    python -m imgclf_jax.report WORKDIR [--checkpoint best|latest|STEP] [--gallery 24]
+    python -m imgclf_jax.report WORKDIR [--checkpoint kept|best|latest|STEP] [--gallery 24]
 
 `WORKDIR/report.html` holds the config, the training curves, the scores and per-class metrics of the
 checkpoint on the run's validation data, the confusion matrix, calibration (reliability diagram and
@@ -182,7 +182,7 @@ class ValidationScorer:
                                 np.concatenate(self._labels), self.hardest, paths, description)
 
 
-def score_checkpoint(workdir: str, checkpoint: str = "best", gallery_size: int = GALLERY_SIZE,
+def score_checkpoint(workdir: str, checkpoint: str = "kept", gallery_size: int = GALLERY_SIZE,
                      batch_size: int = 64) -> ValidationScores:
     """Restores `checkpoint` of the run in `workdir` and scores it on the run's validation data, or on its test
     photos where it trained on every other photo, without validation."""
@@ -194,7 +194,7 @@ def score_checkpoint(workdir: str, checkpoint: str = "best", gallery_size: int =
     return dataclasses.replace(scores, split=split)
 
 
-def build_report(workdir: str, checkpoint: str = "best", gallery_size: int = GALLERY_SIZE, batch_size: int = 64,
+def build_report(workdir: str, checkpoint: str = "kept", gallery_size: int = GALLERY_SIZE, batch_size: int = 64,
                  scores: Optional[ValidationScores] = None) -> str:
     """Writes WORKDIR/report.html about `checkpoint` and returns its path; `scores` are that checkpoint's
     validation scores where the caller has them (else they are computed here)."""
@@ -206,6 +206,7 @@ def build_report(workdir: str, checkpoint: str = "best", gallery_size: int = GAL
     calibration = report["calibration"]
     config, class_names, hardest = scores.config, scores.class_names, scores.hardest
     name = config.get("name", os.path.basename(os.path.abspath(workdir)))
+    restored = inference.checkpoint_to_restore(config, checkpoint)  # 'kept' named as what it is.
 
     headline = [("accuracy", f"{report['accuracy']:.4f}"), ("loss", f"{report['loss']:.4f}"),
                 ("macro F1", f"{report['macro_f1']:.4f}"),
@@ -243,7 +244,7 @@ def build_report(workdir: str, checkpoint: str = "best", gallery_size: int = GAL
 <body>
 <header>
 <h1>{html.escape(name)}: {report['accuracy']:.1%} {scores.split} accuracy</h1>
-<p>{html.escape(config.model)} on {html.escape(scores.description)}; checkpoint {html.escape(str(checkpoint))}
+<p>{html.escape(config.model)} on {html.escape(scores.description)}; checkpoint {html.escape(str(restored))}
 (step {scores.step}, epoch {scores.epoch} of {len(records) or '?'} trained); {len(class_names)} classes;
 generated {generated} by imgclf_jax.report{tta_note}</p>
 </header>
@@ -279,7 +280,7 @@ label errors, ambiguous photos and the model's blind spots show up here.</p>
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("checkpoint", "best", "'best' (by validation accuracy), 'latest' or a step number.")
+    flags.DEFINE_string("checkpoint", "kept", inference.CHECKPOINT_HELP)
     flags.DEFINE_integer("gallery", GALLERY_SIZE, "How many highest-loss validation images to show.")
     flags.DEFINE_integer("batch_size", 64, "Evaluation batch size (does not change the results).")
 

@@ -1,6 +1,6 @@
 """Training from the command line: `python -m imgclf_jax.train` (or `imgclf-train`), and
 `train_and_evaluate(config, workdir)`, which trains (imgclf_jax.trainer), then draws the training curves and
-writes the HTML run report from the best epoch's validation scores.
+writes the HTML run report from the kept epoch's validation scores (config.keep_epoch).
 
     python -m imgclf_jax.train [--config RECIPE] [--data_dir DIR | --dataset tfds:NAME] [...]
 """
@@ -24,7 +24,7 @@ import ml_collections
 
 from imgclf_jax import cli, config_lib, parallel, plotting, recipes, report, trainer
 from imgclf_jax.errors import UserError
-from imgclf_jax.metrics import best_record
+from imgclf_jax.metrics import best_record, kept_record
 from imgclf_jax.workdir import CURVES_FILE
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,19 @@ log = logging.getLogger(__name__)
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Trains (resuming from the latest checkpoint in `workdir` if any), then writes the training curves and,
     with config.report, report.html; returns the metrics records (process 0's; [] in the others)."""
-    # The report's scores of the best epoch, collected while validating, spare it a second pass over the photos.
+    # The report's scores of the kept epoch, collected while validating, spare it a second pass over the photos.
     keep_scores = config.report and parallel.is_main_process() and jax.process_count() == 1
     result = trainer.fit(config, workdir, (lambda: report.ValidationScorer(report.GALLERY_SIZE)) if keep_scores
                          else None)
     best = best_record(result.records)
+    kept = kept_record(result.records, result.config.keep_epoch)
     if not parallel.is_main_process() or not result.records:
         return result.records
     plotting.plot_training_curves({result.config.name: result.records}, os.path.join(workdir, CURVES_FILE))
-    if best is not None:
+    if best is not None and kept is not None and kept is not best:
+        log.info("Kept the last epoch (%d): validation accuracy %.4f (the best, %.4f, at epoch %d). Work "
+                 "directory: %s", kept["epoch"], kept["val_accuracy"], best["val_accuracy"], best["epoch"], workdir)
+    elif best is not None:
         log.info("Best validation accuracy %.4f at epoch %d. Work directory: %s", best["val_accuracy"],
                  best["epoch"], workdir)
     else:
@@ -49,18 +53,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                  "`python -m imgclf_jax.evaluate --workdir %s` (the data's test split) or `... --data_dir DIR`.",
                  result.records[-1]["epoch"], workdir)
     if result.config.report:
-        # Scores from before a resume are not at hand: then the report scores the best checkpoint itself.
+        # Scores from before a resume are not at hand: then the report scores the kept checkpoint itself.
         scores = None
-        if result.best_scorer is not None and best is not None and result.best_epoch == best["epoch"]:
-            scores = result.best_scorer.scores(result.config, result.class_names, result.best_step,
-                                               result.best_epoch, result.validation_paths,
+        if result.kept_scorer is not None and kept is not None and result.kept_epoch == kept["epoch"]:
+            scores = result.kept_scorer.scores(result.config, result.class_names, result.kept_step,
+                                               result.kept_epoch, result.validation_paths,
                                                f"{result.data_description} (validation)")
         _write_report(workdir, scores)
     return result.records
 
 
 def _write_report(workdir: str, scores: Optional[report.ValidationScores] = None) -> None:
-    """The HTML run report (`scores`: the best checkpoint's validation scores, if at hand); a failure here is
+    """The HTML run report (`scores`: the kept checkpoint's validation scores, if at hand); a failure here is
     logged, since the trained run itself is complete."""
     if jax.process_count() > 1:  # Restoring in one process would wait for the others forever.
         log.info("Multi-process run: write the report with `python -m imgclf_jax.report %s`.", workdir)

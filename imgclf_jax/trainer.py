@@ -47,17 +47,17 @@ class TrainingDiverged(UserError):
 
 @dataclasses.dataclass
 class TrainResult:
-    """What a run leaves besides its work directory: its records, and the best epoch's validation scorer
-    (from `scorer_factory`) with the facts needed to read it."""
+    """What a run leaves besides its work directory: its records, and the validation scorer (from
+    `scorer_factory`) of the epoch it keeps (config.keep_epoch) with the facts needed to read it."""
 
     records: list[dict[str, Any]]
     config: ml_collections.ConfigDict  # As trained (a time budget sets its epochs).
     class_names: list[str]
     data_description: str
     validation_paths: Optional[list[str]]
-    best_scorer: Any = None
-    best_step: int = 0
-    best_epoch: int = 0
+    kept_scorer: Any = None
+    kept_step: int = 0
+    kept_epoch: int = 0
 
 
 @dataclasses.dataclass
@@ -94,7 +94,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
     Process 0 holds the work directory's lock for the whole run (another run on it is refused), and nothing
     in it is written before the run is known to fit it: its classes and, on resume, its checkpoints.
     `scorer_factory()` makes an object whose `add(images, probabilities, labels)` sees each validation batch;
-    the best epoch's is returned."""
+    that of the epoch the run keeps (config.keep_epoch) is returned."""
     run_start = clock()
     config_lib.validate(config)
     config = config.copy_and_resolve_references()  # A time budget sets its epochs; the caller's stays as it is.
@@ -163,7 +163,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
 
         # The best validation accuracy of this run so far: an epoch at least as good may be the best, so it is
         # saved (after a resume, the first validated epoch is saved whatever its accuracy).
-        best_accuracy, best, last_save = 0.0, (None, 0, 0), clock()
+        best_accuracy, last_save = 0.0, clock()
+        kept = (None, 0, 0)  # (scorer, step, epoch) of the validated epoch the run keeps so far.
         # Early stopping's view of progress: (accuracy, -loss) of the best validated epoch, and that epoch.
         progress, last_improved, stopped_early = (-math.inf, -math.inf), start_epoch, False
         try:
@@ -176,7 +177,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
                                                          scorer_factory, clock)
                 may_be_best = "val_accuracy" in record and record["val_accuracy"] >= best_accuracy  # Ties: later.
                 if may_be_best:
-                    best_accuracy, best = record["val_accuracy"], (scorer, int(state.step), epoch)
+                    best_accuracy = record["val_accuracy"]
+                if may_be_best or ("val_accuracy" in record and config.keep_epoch == "last"):
+                    kept = (scorer, int(state.step), epoch)
                 if "val_accuracy" in record and (record["val_accuracy"], -record["val_loss"]) > progress:
                     progress, last_improved = (record["val_accuracy"], -record["val_loss"]), epoch
                 cooldown = None  # Early stopping's shorter plan: (epochs, progressive.stage_epochs).
@@ -210,7 +213,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, scorer_factory: Optiona
         finally:
             checkpointer.wait_until_finished()  # The last good checkpoint is on disk, whatever stopped the loop.
     return TrainResult(read_metrics(workdir) if is_main else [], config, class_names, run.source.description,
-                       getattr(run.source.splits.get("validation"), "paths", None), *best)
+                       getattr(run.source.splits.get("validation"), "paths", None), *kept)
 
 
 def _stops_early(config: ml_collections.ConfigDict, record: dict[str, Any], epoch: int, last_improved: int) -> bool:

@@ -53,10 +53,10 @@ def main(argv) -> None:
     tta = FLAGS.tta or config.tta
     scores = evaluate.evaluate(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, tta=tta,
                                name=f"check_{FLAGS.split}_{tta}")
-    best = metrics.best_record(records) or {"epoch": 0}
+    kept = metrics.kept_record(records, config.keep_epoch) or {"epoch": 0}
     epochs = records[-1]["epoch"] if records else 0  # A time budget may have trained fewer than config.epochs.
     print(f"| {config.name} | {FLAGS.note or '-'} | {config.model} {config.image_size}px, {epochs} epochs | "
-          f"{scores['accuracy']:.4f} ({FLAGS.split}, tta {tta}, best epoch {best['epoch']}) | "
+          f"{scores['accuracy']:.4f} ({FLAGS.split}, tta {tta}, {config.keep_epoch} epoch {kept['epoch']}) | "
           f"{minutes:.1f} min (whole command incl. scan and compile) |")
     missed = []
     if scores["accuracy"] < FLAGS.expect:

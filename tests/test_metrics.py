@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgclf_jax.metrics import MetricsLog, best_record, classification_report, read_metrics
+from imgclf_jax.metrics import MetricsLog, best_record, classification_report, kept_record, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,6 +119,14 @@ def test_best_record_prefers_the_latest_of_tied_epochs():
                {"epoch": 3, "val_accuracy": 0.7}, {"epoch": 4, "val_accuracy": 0.8}]
     assert best_record(records)["epoch"] == 4
     assert best_record(records[:3])["epoch"] == 2
+
+
+def test_kept_record_is_the_best_or_the_validated_last():
+    records = [{"epoch": 1, "val_accuracy": 0.8}, {"epoch": 2}, {"epoch": 3, "val_accuracy": 0.6}]
+    assert kept_record(records, "best")["epoch"] == 1
+    assert kept_record(records, "last")["epoch"] == 3
+    assert kept_record(records[:2], "last") is None  # The last epoch was not validated.
+    assert kept_record([], "last") is None
 
 
 def test_best_record_passes_over_epochs_that_were_not_validated():

@@ -6,14 +6,16 @@ import json
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import jax
 import numpy as np
 import pytest
 
 from helpers import fresh_state, make_class_folder
-from imgclf_jax import (checkpointing, config_lib, inference, input_pipeline, losses, recipes, schedule, steps,
-                        time_budget, train, train_state, trainer)
+from imgclf_jax import (checkpointing, config_lib, evaluate, inference, input_pipeline, losses, recipes, schedule,
+                        steps, time_budget, train, train_state, trainer)
+from imgclf_jax import report as run_report
 from imgclf_jax.errors import UserError
 from imgclf_jax.metrics import REQUIRED_KEYS, read_metrics
 
@@ -111,6 +113,34 @@ def test_checkpoints_are_saved_when_an_epoch_may_be_the_best_when_due_and_at_the
     tiny_config.checkpoint_every_minutes = 0.0  # Due after every epoch.
     train.train_and_evaluate(tiny_config, str(tmp_path / "every"))
     assert saved == [1, 2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep_epoch, kept", [("best", 1), ("last", 3)])
+def test_the_kept_epoch_is_what_evaluate_and_the_report_use(tiny_config, two_class_dir, tmp_path, monkeypatch,
+                                                           keep_epoch, kept):
+    tiny_config.update(data_dir=str(two_class_dir), epochs=3, validate_every=1, keep_epoch=keep_epoch)
+    scripted_accuracy = iter([0.9, 0.5, 0.6])
+    monkeypatch.setattr(trainer, "evaluate_batches",
+                        lambda *args, **kwargs: {"loss": 1.0, "accuracy": next(scripted_accuracy)})
+    workdir = str(tmp_path / "w")
+    scorers = []  # One per validated epoch, in order.
+    result = trainer.fit(tiny_config, workdir, scorer_factory=lambda: scorers.append(mock.Mock()) or scorers[-1])
+    assert len(scorers) == 3 and result.kept_scorer is scorers[kept - 1]
+    assert (result.kept_epoch, result.kept_step) == (kept, kept * (48 // 8))
+    monkeypatch.undo()  # Evaluate scores for real.
+
+    assert inference.load_run(workdir).epoch == kept
+    assert inference.load_run(workdir, "best").epoch == 1 and inference.load_run(workdir, "latest").epoch == 3
+    report = evaluate.evaluate(workdir, data_dir=str(two_class_dir), split="validation")
+    assert (report["epoch"], report["checkpoint"]) == (kept, {"best": "best", "last": "latest"}[keep_epoch])
+    assert run_report.score_checkpoint(workdir).epoch == kept
+
+
+def test_keep_epoch_must_be_best_or_last(tiny_config):
+    tiny_config.keep_epoch = "final"
+    with pytest.raises(UserError, match="keep_epoch must be one of best, last"):
+        config_lib.validate(tiny_config)
 
 
 def _train_slower_than_timed(tiny_config, two_class_dir, tmp_path, caplog, monkeypatch):
