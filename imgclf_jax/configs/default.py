@@ -60,9 +60,9 @@ def get_config():
     config.early_stopping_share = 0.25
     # The run keeps its last epoch, not the best one by validation: with a few dozen validation photos a class
     # the best is partly chance and sometimes an early epoch (epoch 33 of 89: 0.613 against the last's 0.648 on
-    # test photos). On sixteen runs' test photos the last scored +0.008 on average (10 up, 2 down, 4 the same
-    # epoch), +0.013 on the tuning folders and a tie on those held out (docs/accuracy.md, e171); its validation
-    # accuracy is then a fair estimate, not the luckiest of many.
+    # test photos). On twenty runs' test photos the last scored +0.007 on average (12 up, 3 down, 5 the same
+    # epoch): +0.013 on the tuning folders, a tie (+0.001) on ten runs of held-out ones (docs/accuracy.md, e171,
+    # e172). Its validation accuracy is then a fair estimate, not the luckiest of many.
     config.keep_epoch = "last"
     config.validate_every = 11  # And every epoch of the last stage, which early stopping watches.
     config.image_size_from_photos = True
