@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -91,7 +92,7 @@ def keras_scores(name: str, folder: Path, out: Path, cache: dict, seeds: int) ->
 
 def keras_cell(accuracies: list[float]) -> str:
     """One Keras score, or the mean of several with their range."""
-    mean = sum(accuracies) / len(accuracies)
+    mean = statistics.fmean(accuracies)
     return f"{mean:.3f}" if len(accuracies) == 1 else f"{mean:.3f} ({min(accuracies):.3f}-{max(accuracies):.3f})"
 
 
@@ -166,7 +167,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             _, name, classes, n_train, n_test, ours, theirs, our_min, their_min = row
             cells = [f"{name}{' (held out)' if held_out else ''}", str(classes), str(n_train), str(n_test),
                      f"{ours:.3f}", keras_cell(theirs) if theirs else "-",
-                     f"{ours - sum(theirs) / len(theirs):+.3f}" if theirs else "-", f"{our_min:.1f}",
+                     f"{ours - statistics.fmean(theirs):+.3f}" if theirs else "-", f"{our_min:.1f}",
                      "-" if their_min is None else f"{their_min:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
