@@ -42,7 +42,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     if not parallel.is_main_process() or not result.records:
         return result.records
     plotting.plot_training_curves({result.config.name: result.records}, os.path.join(workdir, CURVES_FILE))
-    if best is not None and kept is not None and kept is not best:
+    if kept is not None and kept is not best:  # A kept epoch was validated, so there is a best one too.
         log.info("Kept the last epoch (%d): validation accuracy %.4f (the best, %.4f, at epoch %d). Work "
                  "directory: %s", kept["epoch"], kept["val_accuracy"], best["val_accuracy"], best["epoch"], workdir)
     elif best is not None:
